@@ -1,0 +1,1 @@
+"""monai_peft.networks."""
