@@ -67,3 +67,42 @@ def require(module: str, *, feature: str, install: str) -> object:
             f"{feature} needs the optional package '{module}', which is not installed "
             f"({exc}). Install it with: pip install '{install}'"
         ) from exc
+
+
+class DataDownloadError(MonaiPeftError, OSError):
+    """A data set or file could not be downloaded (offline machine, unreachable host, bad checksum)."""
+
+
+class HashMismatchError(CheckpointError):
+    """A downloaded or cached weight file does not have the SHA-256 digest it was declared with."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A weight file needs arbitrary-code unpickling (it references Python globals outside the safe allowlist)."""
+
+
+class WeightDownloadError(CheckpointError):
+    """A weight file could not be fetched from its URL or hub (offline, not found, access denied ...)."""
+
+
+class StateDictKeyError(CheckpointError):
+    """A state dict does not fit the model: missing, unexpected or wrongly shaped keys.
+
+    Attributes:
+        missing: model keys the checkpoint does not provide.
+        unexpected: checkpoint keys the model does not have.
+        mismatched: ``(key, checkpoint_shape, model_shape)`` for keys present in both with different shapes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        self.mismatched = list(mismatched or [])

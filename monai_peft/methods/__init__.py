@@ -1,1 +1,30 @@
-"""monai_peft.methods."""
+"""Built-in PEFT methods; importing this package registers them (one module per family)."""
+
+from monai_peft.methods.adapters import AdapterConfig, AdaptFormerConfig
+from monai_peft.methods.base import AdapterLayer, BaseTuner, WrappingTuner
+from monai_peft.methods.lora import LoraConfig
+from monai_peft.methods.selective import (
+    AttentionTuningConfig,
+    BitFitConfig,
+    FullFinetuneConfig,
+    LinearProbeConfig,
+    NormTuningConfig,
+    PartialConfig,
+)
+from monai_peft.methods.ssf import SSFConfig
+
+__all__ = [
+    "AdaptFormerConfig",
+    "AdapterConfig",
+    "AdapterLayer",
+    "AttentionTuningConfig",
+    "BaseTuner",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "LinearProbeConfig",
+    "LoraConfig",
+    "NormTuningConfig",
+    "PartialConfig",
+    "SSFConfig",
+    "WrappingTuner",
+]

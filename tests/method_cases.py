@@ -1,0 +1,82 @@
+"""(method, config, network, input) cases shared by the engine and training tests: every
+registered core method on tiny 2D and 3D networks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from torch import nn
+
+from tests import helpers as h
+
+
+@dataclass
+class Case:
+    method: str
+    kwargs: dict[str, Any]
+    net: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    zero_init: bool = True
+    modules_to_save: list[str] | None = field(default=None)
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}-{self.net.__name__}-{len(self.shape) - 2}d"
+
+
+def _n(factory, *args, name=None):
+    def make():
+        return factory(*args)
+
+    make.__name__ = name or f"{factory.__name__}"
+    return make
+
+
+V2 = _n(h.tiny_vit, 2, name="vit")
+V3 = _n(h.tiny_vit, 3, name="vit")
+R2 = _n(h.tiny_resnet, 2, name="resnet")
+R3 = _n(h.tiny_resnet, 3, name="resnet")
+S2 = (2, 1, 32, 32)
+S3 = (2, 1, 32, 32, 32)
+S3_small = (2, 1, 16, 16, 16)
+
+CASES = [
+    Case("lora", {"r": 2}, V2, S2),
+    Case("lora", {"r": 2}, V3, S3),
+    Case("lora", {"r": 2}, R3, S3_small),
+    Case("lora", {"r": 2}, _n(h.tiny_basicunet, 2, name="basicunet"), (1, 1, 32, 32)),
+    Case("lora", {"r": 2}, _n(h.tiny_segresnet, 3, name="segresnet"), (1, 1, 16, 16, 16)),
+    Case("lora", {"r": 2}, _n(h.tiny_unetr, 2, name="unetr"), (1, 1, 32, 32)),
+    Case("lora", {"r": 2}, _n(h.tiny_swinunetr, 2, name="swinunetr"), (1, 1, 64, 64)),
+    Case("adapter", {"bottleneck": 8}, V2, S2),
+    Case("adapter", {"bottleneck": 8}, V3, S3),
+    Case("adapter", {"bottleneck": 4}, R2, S2),
+    Case("adapter", {"bottleneck": 4}, R3, S3_small),
+    Case("adapter", {"bottleneck": 4}, _n(h.tiny_densenet, 2, name="densenet"), S2),
+    Case("adapter", {"bottleneck": 4}, _n(h.tiny_swinunetr, 2, name="swinunetr"), (1, 1, 64, 64)),
+    Case("adaptformer", {"bottleneck": 8}, V2, S2),
+    Case("adaptformer", {"bottleneck": 8}, V3, S3),
+    Case("ssf", {"init_std": 0.0}, V2, S2),
+    Case("ssf", {"init_std": 0.0}, R3, S3_small),
+    Case("ssf", {"init_std": 0.0}, _n(h.tiny_densenet, 2, name="densenet"), S2),
+    Case("bitfit", {}, V2, S2),
+    Case("bitfit", {}, R3, S3_small),
+    Case("norm_tuning", {}, V2, S2),
+    Case("norm_tuning", {}, R3, S3_small),
+    Case("norm_tuning", {"norm_types": ["groupnorm"]}, _n(h.tiny_segresnet, 3, name="segresnet"), (1, 1, 16, 16, 16)),
+    Case("attention_tuning", {}, V2, S2),
+    Case("attention_tuning", {}, V3, S3),
+    Case("partial", {"k": 1}, V2, S2),
+    Case("partial", {"k": 1}, R3, S3_small),
+    Case("linear_probe", {}, V2, S2),
+    Case("linear_probe", {}, R3, S3_small),
+    Case("full_finetune", {}, V2, S2),
+    Case("full_finetune", {}, R3, S3_small),
+]
+
+
+def params(cases=None):
+    return [pytest.param(c, id=c.id) for c in (cases or CASES)]
