@@ -315,13 +315,14 @@ def _ensure_builtin_presets() -> None:
         NetworkPreset("monai.DenseNet", (nets.DenseNet,), cnn(r"features\.denseblock\d+\.denselayer\d+", "class_layers"))
     )
     register_preset(NetworkPreset("monai.ResNet", (nets.ResNet,), cnn(r"layer[1-4]\.\d+", "fc")))
-    register_preset(
-        NetworkPreset(
-            "monai.SegResNet", (nets.SegResNet,), cnn(r"(down_layers|up_layers)\.\d+\.\d+", "conv_final")
-        )
-    )
+    segresnet = cnn(r"(down_layers|up_layers)\.\d+\.\d+", "conv_final")
+    segresnet["blocks"] = TargetSpec(modules=r"(down_layers|up_layers)\.\d+\.\d+", types=["ResBlock"])
+    register_preset(NetworkPreset("monai.SegResNet", (nets.SegResNet,), segresnet))
     register_preset(
         NetworkPreset(
             "monai.BasicUNet", (nets.BasicUNet,), cnn(r"conv_0|down_[1-4]|upcat_[1-4]", "final_conv")
         )
     )
+    effnet = cnn(r"_blocks\.\d+\.\d+", "_fc")
+    effnet["blocks"] = TargetSpec(modules=r"_blocks\.\d+\.\d+", types=["MBConvBlock"])
+    register_preset(NetworkPreset("monai.EfficientNet", (nets.EfficientNet,), effnet))

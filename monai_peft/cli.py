@@ -1,0 +1,130 @@
+"""The ``monai-peft`` command.
+
+Sub-commands::
+
+    monai-peft demo [--method lora] [--epochs 3] ...   PEFT demo on PneumoniaMNIST (the default job)
+    monai-peft methods                                 registered PEFT methods and their config fields
+    monai-peft info ADAPTER_DIR                        what an adapter folder holds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "register_command"]
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def register_command(add: Callable[[argparse._SubParsersAction], None]) -> Callable:
+    """Let other modules add sub-commands (``add(subparsers)`` must set ``func``)."""
+    _EXTRA_COMMANDS.append(add)
+    return add
+
+
+def _json_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--method-kwargs must be a JSON object, e.g. '{{\"r\": 8}}': {exc}") from exc
+    if not isinstance(value, dict):
+        raise SystemExit("--method-kwargs must be a JSON object")
+    return value
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from monai_peft.demo import run_demo
+
+    res = run_demo(
+        args.method, backbone=args.backbone, data=args.data, fraction=args.fraction, epochs=args.epochs,
+        image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, device=args.device, out_dir=args.out,
+        seed=args.seed, method_kwargs=_json_kwargs(args.method_kwargs),
+    )
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import monai_peft as mp
+
+    for name in mp.list_methods():
+        cls = mp.get_method(name).config_cls
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        own = [f for f in cls.field_names() if f not in mp.PeftConfig.field_names()]
+        print(f"{name:18s} {cls.__name__:24s} {doc}")
+        if args.verbose and own:
+            print(f"{'':18s} fields: {', '.join(own)}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from monai_peft.checkpoint import read_adapter_folder
+
+    config, tensors, _ = read_adapter_folder(args.adapter)
+    base = config.pop("base_model", {})
+    n = sum(t.numel() for t in tensors.values())
+    print(f"method: {config.get('method')}  (monai_peft {config.get('monai_peft_version')})")
+    print(f"base model: {base.get('class')}  fingerprint {str(base.get('fingerprint'))[:16]}...")
+    print(f"tensors: {len(tensors)}  values: {n:,d}")
+    cfg = {k: v for k, v in config.items() if k not in ("method", "monai_peft_version", "tensors_sha256")}
+    print("config:", json.dumps(cfg, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-peft", description="Parameter-efficient fine-tuning for MONAI.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="fine-tune a pretrained network with a PEFT method on PneumoniaMNIST")
+    demo.add_argument("--method", default="lora", help="any registered method (see `monai-peft methods`)")
+    demo.add_argument("--method-kwargs", default=None, help='JSON config fields, e.g. \'{"r": 8}\'')
+    demo.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "densenet121"])
+    demo.add_argument("--data", default=None, help="path of pneumoniamnist_28.npz (default: ../shared/data, download, synthetic)")
+    demo.add_argument("--fraction", type=float, default=0.1, help="fraction of each class used for training")
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=2e-3)
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    demo.set_defaults(func=_cmd_demo)
+
+    methods = sub.add_parser("methods", help="list the registered PEFT methods")
+    methods.set_defaults(func=_cmd_methods)
+
+    info = sub.add_parser("info", help="describe an adapter folder")
+    info.add_argument("adapter")
+    info.set_defaults(func=_cmd_info)
+
+    for add in _EXTRA_COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    from monai_peft.errors import MonaiPeftError
+
+    try:
+        return int(args.func(args) or 0)
+    except MonaiPeftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
