@@ -37,7 +37,7 @@ from monai_peft.methods import (
     SSFConfig,
     WrappingTuner,
 )
-from monai_peft.model import PeftModel, get_peft_model
+from monai_peft.model import PeftModel, applicable_methods, get_peft_model
 from monai_peft.registry import get_config, get_method, list_methods, register_method
 from monai_peft.targeting import NetworkPreset, TargetSpec, find_targets, get_preset, register_preset
 
@@ -68,6 +68,7 @@ __all__ = [
     "TargetingError",
     "WrappingTuner",
     "__version__",
+    "applicable_methods",
     "find_targets",
     "get_config",
     "get_method",

@@ -38,10 +38,17 @@ from monai_peft.checkpoint import (
     write_adapter_folder,
 )
 from monai_peft.config import PeftConfig
-from monai_peft.errors import AdapterError, BaseModelMismatchError, CheckpointError, ConfigError
+from monai_peft.errors import (
+    AdapterError,
+    BaseModelMismatchError,
+    CheckpointError,
+    ConfigError,
+    MethodNotApplicableError,
+    TargetingError,
+)
 from monai_peft.inplace import InPlaceState
 from monai_peft.methods.base import AdapterLayer, BaseTuner
-from monai_peft.registry import get_method
+from monai_peft.registry import get_method, list_methods
 from monai_peft.targeting import (
     TargetSpec,
     canonical_named_modules,
@@ -51,9 +58,22 @@ from monai_peft.targeting import (
     set_submodule,
 )
 
-__all__ = ["PeftModel", "get_peft_model"]
+__all__ = ["PeftModel", "applicable_methods", "get_peft_model"]
 
 _VERIFY_CHOICES = ("strict", "warn", "off")
+
+
+def applicable_methods(model: nn.Module) -> list[str]:
+    """Registered methods that, with their default config, can be applied to ``model``."""
+    names = []
+    for name in list_methods():
+        spec = get_method(name)
+        try:
+            spec.tuner_cls(spec.config_cls()).check_applicable(model)
+        except Exception:  # any failure means "does not apply with its defaults"
+            continue
+        names.append(name)
+    return names
 
 
 def get_peft_model(
@@ -190,10 +210,15 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, spec.config_cls):
             raise ConfigError(f"config class {type(peft_config).__name__} does not match method {spec.name!r}")
         tuner = spec.tuner_cls(peft_config)
-        owned = self._owned_for(tuner, peft_config)
         try:
+            owned = self._owned_for(tuner, peft_config)
             tuner.inject(self.base_model, adapter_name)
             self._inplace.add(self.base_model, adapter_name, owned)
+        except (MethodNotApplicableError, TargetingError) as exc:
+            self._remove_adapter_layers(adapter_name)
+            others = [m for m in applicable_methods(self.base_model) if m != spec.name]
+            net = type(innermost(self.base_model)).__name__
+            raise type(exc)(f"{exc}. Methods that apply to {net} with their defaults: {others}") from exc
         except Exception:
             self._remove_adapter_layers(adapter_name)
             raise

@@ -112,7 +112,7 @@ def test_selective_presets_on_vit():
 
 
 def test_attention_tuning_on_cnn_says_what_applies():
-    with pytest.raises(mp.MethodNotApplicableError, match="attention tuning needs attention modules.*Applicable to CNNs"):
+    with pytest.raises(mp.MethodNotApplicableError, match="attention tuning needs attention modules.*Methods that apply to ResNet with their defaults: .*'lora'"):
         mp.get_peft_model(h.tiny_resnet(2), mp.AttentionTuningConfig())
 
 
@@ -120,3 +120,11 @@ def test_adaptformer_on_explicit_non_channel_module_errors_at_forward():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 4))
     model = mp.get_peft_model(net, mp.AdaptFormerConfig(target_modules=["1"], bottleneck=2))
     assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_applicable_methods_lists_what_fits():
+    vit = set(mp.applicable_methods(h.tiny_vit(2)))
+    cnn = set(mp.applicable_methods(h.tiny_resnet(2)))
+    assert {"lora", "adapter", "adaptformer", "ssf", "attention_tuning", "bitfit"} <= vit
+    assert {"lora", "adapter", "ssf", "bitfit", "norm_tuning"} <= cnn
+    assert "attention_tuning" not in cnn and "adaptformer" not in cnn

@@ -138,6 +138,11 @@ class BaseTuner:
     def inject(self, model: nn.Module, adapter_name: str) -> None:
         """Add this method's adapter layers to ``model`` under ``adapter_name``."""
 
+    def check_applicable(self, model: nn.Module) -> None:
+        """Raise :class:`MethodNotApplicableError` / :class:`TargetingError` (saying why) if this method,
+        as configured, cannot be applied to ``model``. Must not modify ``model``."""
+        self.owned_tensors(model)
+
     # -- helpers shared by the methods ----------------------------------------------------------
     def preset(self, model: nn.Module) -> NetworkPreset | None:
         return get_preset(model)
@@ -201,7 +206,8 @@ class WrappingTuner(BaseTuner):
     def check_targets(self, model: nn.Module, names: list[str]) -> None:
         """Hook for whole-selection checks (e.g. fused-qkv slices need a fused qkv target)."""
 
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
+    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
+        """(canonical name, original module, layer class) of every module to wrap; raises if none."""
         names = self.resolve(model, *self.default_roles)
         plan: list[tuple[str, nn.Module, type[AdapterLayer]]] = []
         rejected: list[str] = []
@@ -225,7 +231,13 @@ class WrappingTuner(BaseTuner):
                 f"(it applies to {self.applies_to}); candidates were {rejected[:8]}"
             )
         self.check_targets(model, [n for n, _, _ in plan])
-        for name, module, layer_cls in plan:
+        return plan
+
+    def check_applicable(self, model: nn.Module) -> None:
+        self.plan(model)
+
+    def inject(self, model: nn.Module, adapter_name: str) -> None:
+        for name, module, layer_cls in self.plan(model):
             adapter = self.build_adapter(name, module, layer_cls)
             current = get_submodule(model, name)
             if isinstance(current, layer_cls):

@@ -267,9 +267,9 @@ class LoraTuner(WrappingTuner):
     def is_fused_qkv(self, name: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in self.config.fused_qkv_names
 
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
+    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
         self._active_slices = self._slices(model)
-        super().inject(model, adapter_name)
+        return super().plan(model)
 
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
         if isinstance(module, nn.Linear):

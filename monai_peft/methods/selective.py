@@ -173,8 +173,7 @@ class AttentionTuningTuner(SelectiveTuner):
             return super().scope(model)
         except TargetingError as exc:
             raise MethodNotApplicableError(
-                f"attention tuning needs attention modules; {type(innermost(model)).__name__} has none known "
-                f"({exc}). Applicable to CNNs: bitfit, norm_tuning, partial, linear_probe, lora, ssf, adapter"
+                f"attention tuning needs attention modules; {type(innermost(model)).__name__} has none known ({exc})"
             ) from exc
 
     def extra_tensors(self, model: nn.Module) -> list[str]:
