@@ -425,13 +425,22 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Exactly the tensors an adapter file holds for ``adapter_name`` (default: active)."""
+        """Exactly the tensors an adapter file holds for ``adapter_name`` (default: active).
+
+        A tensor shared by several layers (e.g. FacT's factors) appears once, under its first key.
+        Values are views of the live tensors (for the active adapter) or stored copies.
+        """
         name = self._resolve_name(adapter_name)
         out: dict[str, torch.Tensor] = {}
+        seen: set[tuple] = set()
         for path, layer in self.adapter_layers():
             if name not in layer.adapters:
                 continue
             for k, v in layer.adapters[name].state_dict().items():
+                ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+                if ident in seen:
+                    continue
+                seen.add(ident)
                 key = f"adapter.{path}.{k}"
                 if key in out:
                     raise CheckpointError(f"two adapter layers at {path} would both write {key}")
@@ -543,14 +552,9 @@ class PeftModel(nn.Module):
         if bad:
             raise CheckpointError(f"adapter file {source} has tensors of the wrong shape: {bad[:5]}")
         with torch.no_grad():
-            for path, layer in self.adapter_layers():
-                if name not in layer.adapters:
-                    continue
-                prefix = f"adapter.{path}."
-                sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                own = layer.adapters[name].state_dict()
-                for k, v in own.items():
-                    v.copy_(sub[k])
+            for k, v in expected.items():
+                if k.startswith("adapter."):
+                    v.copy_(tensors[k])
         self._inplace.set_values(self.base_model, name, {k[5:]: v for k, v in tensors.items() if k.startswith("base.")})
 
     @classmethod
