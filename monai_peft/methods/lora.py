@@ -26,6 +26,7 @@ presets (MED-PEFT / Hu et al.), every convolution of the backbone on CNN presets
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from monai_peft.methods.base import AdapterLayer, WrappingTuner
 from monai_peft.registry import register_method
 from monai_peft.targeting import get_preset, innermost
 
-__all__ = ["LoraConfig", "LoraConv", "LoraFusedQKV", "LoraLinear", "LoraTuner"]
+__all__ = ["LoraConfig", "LoraConv", "LoraFusedQKV", "LoraLinear", "LoraTuner", "qkv_rows", "register_qkv_layout"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -122,24 +123,54 @@ class LoraLinearAdapter(nn.Module):
         return (b @ a) * self.scaling
 
 
-class LoraFusedQKVAdapter(LoraLinearAdapter):
-    """LoRA on chosen slices of a fused ``[q | k | v]`` projection.
+QKVLayout = Callable[[nn.Module, nn.Linear], dict[str, torch.Tensor]]
+_QKV_LAYOUTS: dict[str, QKVLayout] = {}
 
-    Per enabled slice s: ``lora_A[s]`` (r, in), ``lora_B[s]`` (C, r), C = out / 3. The update of
-    the full output is ``B_full A_cat`` where ``A_cat`` stacks the enabled A's and ``B_full`` puts
-    each B in its slice's rows (zeros elsewhere): the disabled slices get exactly nothing.
+
+def register_qkv_layout(attention_class: str, layout: QKVLayout) -> None:
+    """Declare how the fused qkv Linear of an attention class orders its output rows.
+
+    Args:
+        attention_class: ``f"{cls.__module__}.{cls.__qualname__}"`` of the module that owns the Linear.
+        layout: ``layout(attention_module, qkv_linear) -> {"q": rows, "k": rows, "v": rows}`` (LongTensors).
+            Without a registration the layout is ``[q | k | v]`` thirds (MONAI, timm, Swin).
+    """
+    _QKV_LAYOUTS[attention_class] = layout
+
+
+def qkv_rows(parent: nn.Module | None, linear: nn.Linear) -> dict[str, torch.Tensor]:
+    """Output rows of q, k and v in a fused qkv Linear owned by ``parent``."""
+    if parent is not None:
+        cls = type(parent)
+        layout = _QKV_LAYOUTS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if layout is not None:
+            return {k: torch.as_tensor(v, dtype=torch.long) for k, v in layout(parent, linear).items()}
+    out = linear.out_features
+    if out % 3:
+        raise TargetingError(f"a fused qkv Linear needs out_features divisible by 3 (or a registered layout), got {out}")
+    c = out // 3
+    return {s: torch.arange(i * c, (i + 1) * c) for i, s in enumerate("qkv")}
+
+
+class LoraFusedQKVAdapter(LoraLinearAdapter):
+    """LoRA on chosen slices of a fused q/k/v projection.
+
+    Per enabled slice s: ``lora_A[s]`` (r, in), ``lora_B[s]`` (|rows_s|, r). The update of the full
+    output is ``B_full A_cat``: ``A_cat`` stacks the enabled A's, ``B_full`` (out, n*r) holds each B in
+    its slice's output rows (``[q | k | v]`` thirds, or a registered layout such as TinyViT's
+    head-major one) and zeros elsewhere, so the other slices get exactly nothing.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, slices: str) -> None:
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, slices: str, rows: dict[str, torch.Tensor]) -> None:
         nn.Module.__init__(self)
-        if out_features % 3:
-            raise TargetingError(f"a fused qkv Linear needs out_features divisible by 3, got {out_features}")
         self.scaling = config.scaling
         self.slices = "".join(s for s in "qkv" if s in slices)
-        self.chunk = out_features // 3
+        self.out_features = out_features
         self.r = config.r
+        for s in self.slices:
+            self.register_buffer(f"rows_{s}", rows[s].clone(), persistent=False)
         self.lora_A = nn.ParameterDict({s: nn.Parameter(torch.empty(config.r, in_features)) for s in self.slices})
-        self.lora_B = nn.ParameterDict({s: nn.Parameter(torch.zeros(self.chunk, config.r)) for s in self.slices})
+        self.lora_B = nn.ParameterDict({s: nn.Parameter(torch.zeros(len(rows[s]), config.r)) for s in self.slices})
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for s in self.slices:
             _init_a(self.lora_A[s], config.init_lora_weights, config.r)
@@ -147,17 +178,12 @@ class LoraFusedQKVAdapter(LoraLinearAdapter):
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.cat([self.lora_A[s] for s in self.slices], dim=0)
         n = len(self.slices)
-        ref = self.lora_B[self.slices[0]]
-        rows = []
-        for s in "qkv":
-            if s in self.slices:
-                j = self.slices.index(s)
-                b = self.lora_B[s]
-                parts = [ref.new_zeros(self.chunk, self.r * j), b, ref.new_zeros(self.chunk, self.r * (n - j - 1))]
-                rows.append(torch.cat(parts, dim=1))
-            else:
-                rows.append(ref.new_zeros(self.chunk, self.r * n))
-        return a, torch.cat(rows, dim=0)
+        b_full = self.lora_B[self.slices[0]].new_zeros(self.out_features, n * self.r)
+        for j, s in enumerate(self.slices):
+            b = self.lora_B[s]
+            block = torch.cat([b.new_zeros(b.shape[0], self.r * j), b, b.new_zeros(b.shape[0], self.r * (n - j - 1))], dim=1)
+            b_full = b_full.index_copy(0, getattr(self, f"rows_{s}"), block)
+        return a, b_full
 
 
 class LoraConvAdapter(nn.Module):
@@ -267,10 +293,6 @@ class LoraTuner(WrappingTuner):
     def is_fused_qkv(self, name: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in self.config.fused_qkv_names
 
-    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
-        self._active_slices = self._slices(model)
-        return super().plan(model)
-
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
         if isinstance(module, nn.Linear):
             return LoraFusedQKV if self._active_slices and self.is_fused_qkv(name, module) else LoraLinear
@@ -288,9 +310,18 @@ class LoraTuner(WrappingTuner):
                     f"(last name component in {self.config.fused_qkv_names}); targets were {names[:5]}"
                 )
 
+    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
+        self._active_slices = self._slices(model)
+        self._model = model
+        return super().plan(model)
+
     def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
         if layer_cls is LoraFusedQKV:
-            return LoraFusedQKVAdapter(module.in_features, module.out_features, self.config, self._active_slices)
+            from monai_peft.targeting import get_submodule
+
+            parent = innermost(get_submodule(self._model, name.rpartition(".")[0])) if "." in name else None
+            rows = qkv_rows(parent, module)
+            return LoraFusedQKVAdapter(module.in_features, module.out_features, self.config, self._active_slices, rows)
         if layer_cls is LoraLinear:
             return LoraLinearAdapter(module.in_features, module.out_features, self.config)
         return LoraConvAdapter(module.weight.shape, self.config)

