@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -179,20 +180,28 @@ def fit_classifier(
         prepare_batch=_prepare_batch, amp=amp,
     )
     steps_per_epoch = max(1, len(train_loader)) if hasattr(train_loader, "__len__") else 1
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
+    total_steps = max(1, epochs * steps_per_epoch)
 
     result = FitResult(best_metric=float("-inf"), best_epoch=0, best_adapter_dir=None)
     state = _load_resume_state(out, model, optimizer) if resume else None
+    start = 0
     if state is not None:
         trainer.state.epoch = int(state["epoch"])
-        trainer.state.iteration = int(state["iteration"])
+        trainer.state.iteration = start = int(state["iteration"])
         result.best_metric, result.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-        for _ in range(trainer.state.iteration):
-            scheduler.step()
         if (out / "best").is_dir():
             result.best_adapter_dir = out / "best"
         logger.info("resuming from %s at epoch %d", out / "last", trainer.state.epoch)
+
+    # cosine schedule in closed form of the iteration, so a resumed run continues the same curve
+    def cosine(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * cosine(start)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine, last_epoch=start - 1 if start else -1)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _validate(engine: Any) -> None:
