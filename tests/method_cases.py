@@ -75,6 +75,21 @@ CASES = [
     Case("linear_probe", {}, R3, S3_small),
     Case("full_finetune", {}, V2, S2),
     Case("full_finetune", {}, R3, S3_small),
+    Case("convpass", {}, V2, S2),
+    Case("convpass", {}, V3, S3),
+    Case("conv_adapter", {"pointwise_init": "zeros"}, R2, S2),
+    Case("conv_adapter", {"pointwise_init": "zeros"}, R3, S3_small),
+    Case("tsa", {"init_scale": 0.0}, R2, S2),
+    Case("tsa", {"init_scale": 0.0}, R3, S3_small),
+    Case("fact", {}, V2, S2),
+    Case("fact", {"variant": "tk"}, V3, S3),
+    Case("vpt", {"prompt_length": 2}, V2, S2, zero_init=False),
+    Case("vpt", {"prompt_length": 2, "deep": False}, V3, S3, zero_init=False),
+    Case("vp", {"prompt_length": 2, "prompt_init": "zeros"}, V2, S2),
+    Case("vp", {"prompt_length": 2, "prompt_init": "zeros"}, V3, S3),
+    Case("vp", {"mode": "pixel", "pad_size": 4, "prompt_init": "zeros"}, V2, S2),
+    Case("ept", {"prompt_length": 4}, V2, S2, zero_init=False),
+    Case("ept", {"prompt_length": 4}, V3, S3, zero_init=False),
 ]
 
 

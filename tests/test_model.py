@@ -73,7 +73,7 @@ def test_save_load_round_trip_is_bit_exact(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", params([c for c in CASES if c.method in ("lora", "ssf", "bitfit", "full_finetune")])
+    "case", params([c for c in CASES if c.method in ("lora", "ssf", "bitfit", "full_finetune", "tsa", "fact")])
 )
 def test_merged_equals_unmerged_and_merge_and_unload_gives_plain_module(case):
     net = build(case, seed=2)

@@ -2,7 +2,12 @@
 
 from monai_peft.methods.adapters import AdapterConfig, AdaptFormerConfig
 from monai_peft.methods.base import AdapterLayer, BaseTuner, WrappingTuner
+from monai_peft.methods.conv_adapters import ConvAdapterConfig, TSAConfig
+from monai_peft.methods.convpass import ConvpassConfig
+from monai_peft.methods.ept import EPTConfig
+from monai_peft.methods.fact import FacTConfig
 from monai_peft.methods.lora import LoraConfig
+from monai_peft.methods.prompts import VPConfig, VPTConfig
 from monai_peft.methods.selective import (
     AttentionTuningConfig,
     BitFitConfig,
@@ -20,11 +25,18 @@ __all__ = [
     "AttentionTuningConfig",
     "BaseTuner",
     "BitFitConfig",
+    "ConvAdapterConfig",
+    "ConvpassConfig",
+    "EPTConfig",
+    "FacTConfig",
     "FullFinetuneConfig",
     "LinearProbeConfig",
     "LoraConfig",
     "NormTuningConfig",
     "PartialConfig",
     "SSFConfig",
+    "TSAConfig",
+    "VPConfig",
+    "VPTConfig",
     "WrappingTuner",
 ]

@@ -58,6 +58,16 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self.merged_adapter: str | None = None
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the wrapped module (e.g. timm's ``patch_embed.grid_size``,
+        ``in_features``), so code that inspects a wrapped module keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters") or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     # -- adapter bookkeeping ---------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: nn.Module) -> None:
         if name in self.adapters:

@@ -37,7 +37,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,7 +464,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"weight file {file} is corrupt or not a PyTorch checkpoint: {_first_line(message)}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as exc:
+    except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError ...)
         raise CheckpointError(
             f"weight file {file} is corrupt, truncated or not a PyTorch checkpoint: {_first_line(str(exc))}"
         ) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
+import random
 import sys
 from pathlib import Path
 
@@ -230,7 +230,7 @@ def test_corrupt_files_are_checkpoint_errors(tmp_path: Path) -> None:
     torch.save({"w": torch.randn(100)}, tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "random.pt").write_bytes(os.urandom(2048))
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(2048))
     (tmp_path / "empty.pt").write_bytes(b"")
     save_file({"w": torch.zeros(4)}, tmp_path / "ok.safetensors")
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:30])
