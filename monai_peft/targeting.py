@@ -204,6 +204,9 @@ class NetworkPreset:
     network_types: tuple[type, ...]
     roles: dict[str, TargetSpec] = field(default_factory=dict)
     param_roles: dict[str, list[str]] = field(default_factory=dict)
+    method_defaults: dict[str, dict] = field(default_factory=dict)
+    """Per-method config values that apply with ``target_modules=None`` on this network, e.g.
+    ``{"lora": {"qkv_slices": "qkv"}}`` (diffusion U-Nets adapt all of q, k, v)."""
 
     def role(self, role: str) -> TargetSpec | None:
         return self.roles.get(role)

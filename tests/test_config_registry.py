@@ -14,7 +14,8 @@ from monai_peft.methods.base import AdapterLayer, WrappingTuner
 
 EXPECTED = {
     "adapter", "adaptformer", "attention_tuning", "bitfit", "full_finetune", "linear_probe", "lora", "norm_tuning",
-    "partial", "ssf", "convpass", "conv_adapter", "tsa", "fact", "vpt", "vp", "ept",
+    "partial", "ssf", "convpass", "conv_adapter", "tsa", "fact", "vpt", "vp", "ept", "svdiff", "difffit",
+    "diffusion_bias_norm_attention",
 }
 
 

@@ -4,6 +4,7 @@ from monai_peft.methods.adapters import AdapterConfig, AdaptFormerConfig
 from monai_peft.methods.base import AdapterLayer, BaseTuner, WrappingTuner
 from monai_peft.methods.conv_adapters import ConvAdapterConfig, TSAConfig
 from monai_peft.methods.convpass import ConvpassConfig
+from monai_peft.methods.diffusion import DiffFitConfig, DiffusionBiasNormAttentionConfig, SVDiffConfig
 from monai_peft.methods.ept import EPTConfig
 from monai_peft.methods.fact import FacTConfig
 from monai_peft.methods.lora import LoraConfig
@@ -27,6 +28,8 @@ __all__ = [
     "BitFitConfig",
     "ConvAdapterConfig",
     "ConvpassConfig",
+    "DiffFitConfig",
+    "DiffusionBiasNormAttentionConfig",
     "EPTConfig",
     "FacTConfig",
     "FullFinetuneConfig",
@@ -35,6 +38,7 @@ __all__ = [
     "NormTuningConfig",
     "PartialConfig",
     "SSFConfig",
+    "SVDiffConfig",
     "TSAConfig",
     "VPConfig",
     "VPTConfig",

@@ -288,7 +288,9 @@ class LoraTuner(WrappingTuner):
         using_preset_qkv = (
             cfg.target_modules is None and not cfg.target_types and preset is not None and preset.role("qkv") is not None
         )
-        return "qv" if using_preset_qkv else None
+        if not using_preset_qkv:
+            return None
+        return preset.method_defaults.get("lora", {}).get("qkv_slices", "qv")
 
     def is_fused_qkv(self, name: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in self.config.fused_qkv_names
