@@ -36,7 +36,20 @@ def require_shared(relative: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    """One intra-op thread (override with MONAI_PEFT_TEST_THREADS).
+
+    The test networks are tiny: extra threads buy nothing, and on a 2-core machine where another process
+    holds a core, OpenMP threads spin-wait on each other and small ops become 10-100x slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("MONAI_PEFT_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield

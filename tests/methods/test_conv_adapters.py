@@ -23,15 +23,6 @@ from monai_peft.methods.conv_adapters import (
 from tests.helpers import first, grad_report, randomize_adapter_params, tiny_resnet, tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bottleneck_resnet(spatial_dims: int = 2) -> nets.ResNet:
     return nets.ResNet(
         block="bottleneck", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 16, 16], spatial_dims=spatial_dims,

@@ -22,15 +22,6 @@ from tests.helpers import (
     tiny_vit,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CASES = [
     pytest.param(lambda: tiny_vit(2), (2, 1, 32, 32), {}, id="vit-2d"),
     pytest.param(lambda: tiny_vit(3), (2, 1, 32, 32, 32), {}, id="vit-3d"),

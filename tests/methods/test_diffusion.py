@@ -44,14 +44,6 @@ NETS = {  # name: (spatial_dims, conditioned: cross-attention transformer blocks
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: intra-op threads only add contention on a shared CPU (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _as_pretrained(net: nn.Module, seed: int) -> nn.Module:
     """MONAI zero-initialises the last conv of every residual branch and the output conv

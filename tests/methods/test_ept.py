@@ -38,14 +38,6 @@ from tests.helpers import (
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny networks gain nothing from intra-op threads; on a shared CPU they only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def vit(spatial_dims: int = 2, img: int = 32, **kw) -> ViT:
     args = dict(

@@ -24,15 +24,6 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vit4(spatial_dims: int = 2, layers: int = 2) -> nets.ViT:
     """A tiny ViT with the standard MLP ratio 4 (12 slices per layer, as ViT-B)."""
     return nets.ViT(

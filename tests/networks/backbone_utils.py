@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def torch_single_thread():
-    """Run a test module's torch ops on one thread, restoring the previous count afterwards.
-
-    On the 2-vCPU test machines, OpenMP's two threads spin-wait on each other whenever another process holds a
-    core: small ops then take milliseconds instead of microseconds (EfficientNet-Lite0 at 128 x 128: ~2 s with
-    2 threads under load vs 20 ms with 1). One thread is never much slower for these test-sized inputs.
-    Import this fixture into a test module to activate it there.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:

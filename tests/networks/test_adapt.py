@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from monai_peft.errors import ConfigError
 from monai_peft.networks.adapt import adapt_input_channels, resample_patch_embed, resample_pos_embed
-from tests.networks.backbone_utils import torch_single_thread  # noqa: F401
 
 
 def test_grayscale_sum_is_exact_for_replicated_images() -> None:

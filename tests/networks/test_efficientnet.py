@@ -19,7 +19,6 @@ from monai_peft.networks.efficientnet import (
     load_efficientnet_lite0,
 )
 from monai_peft.networks.sources import load_state_dict_from_source
-from tests.networks.backbone_utils import torch_single_thread  # noqa: F401
 
 TOL = 1e-5
 

@@ -13,7 +13,7 @@ from monai_peft.errors import ConfigError
 from monai_peft.networks import factory
 from monai_peft.networks.factory import BackboneInfo, backbone_info, list_backbones, load_backbone, register_backbone
 from monai_peft.networks.reports import LoadReport
-from tests.networks.backbone_utils import tiny_timm_vit, torch_single_thread  # noqa: F401
+from tests.networks.backbone_utils import tiny_timm_vit
 
 BUILTIN = {
     "vit_b16_in21k",

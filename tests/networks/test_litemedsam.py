@@ -13,7 +13,6 @@ from torch import nn
 
 from monai_peft.errors import InputDataError, MissingDependencyError, StateDictKeyError
 from monai_peft.networks import litemedsam as lms
-from tests.networks.backbone_utils import torch_single_thread  # noqa: F401
 
 TOL = 1e-5
 

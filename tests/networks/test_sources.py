@@ -30,7 +30,6 @@ from monai_peft.networks.sources import (
     resolve_source,
     sha256_file,
 )
-from tests.networks.backbone_utils import torch_single_thread  # noqa: F401
 
 
 def _digest(path: Path) -> str:

@@ -15,7 +15,6 @@ from monai_peft.networks.swin import (
     load_swinunetr_ssl,
     swinvit_ssl_to_monai_state_dict,
 )
-from tests.networks.backbone_utils import torch_single_thread  # noqa: F401
 
 FEATURE = 12  # the released file uses 48; 12 keeps the test fast with the same key layout
 

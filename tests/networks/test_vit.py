@@ -22,7 +22,7 @@ from monai_peft.networks.vit import (
     monai_to_timm_vit_state_dict,
     timm_to_monai_vit_state_dict,
 )
-from tests.networks.backbone_utils import max_abs_diff, tiny_timm_vit, torch_single_thread  # noqa: F401
+from tests.networks.backbone_utils import max_abs_diff, tiny_timm_vit
 
 timm = pytest.importorskip("timm")
 
