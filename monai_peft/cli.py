@@ -5,6 +5,7 @@ Sub-commands::
     monai-peft demo [--method lora] [--epochs 3] ...   PEFT demo on PneumoniaMNIST (the default job)
     monai-peft methods                                 registered PEFT methods and their config fields
     monai-peft info ADAPTER_DIR                        what an adapter folder holds
+    monai-peft erf [--backbone B] [--adapter DIR] ...  effective receptive field on real images
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter")
     info.set_defaults(func=_cmd_info)
 
+    from monai_peft.analysis.erf_cli import add_erf_command
+
+    add_erf_command(sub)
     for add in _EXTRA_COMMANDS:
         add(sub)
     return parser

@@ -90,6 +90,9 @@ CASES = [
     Case("vp", {"mode": "pixel", "pad_size": 4, "prompt_init": "zeros"}, V2, S2),
     Case("ept", {"prompt_length": 4}, V2, S2, zero_init=False),
     Case("ept", {"prompt_length": 4}, V3, S3, zero_init=False),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, V2, S2),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, V3, S3),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, R2, S2),
 ]
 
 

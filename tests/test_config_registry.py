@@ -14,7 +14,7 @@ from monai_peft.methods.base import AdapterLayer, WrappingTuner
 
 EXPECTED = {
     "adapter", "adaptformer", "attention_tuning", "bitfit", "full_finetune", "linear_probe", "lora", "norm_tuning",
-    "partial", "ssf", "convpass", "conv_adapter", "tsa", "fact", "vpt", "vp", "ept", "svdiff", "difffit",
+    "partial", "ssf", "convpass", "conv_adapter", "tsa", "fact", "vpt", "vp", "ept", "svdiff", "difffit", "dka",
     "diffusion_bias_norm_attention",
 }
 
