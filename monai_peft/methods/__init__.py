@@ -4,8 +4,8 @@ from monai_peft.methods.adapters import AdapterConfig, AdaptFormerConfig
 from monai_peft.methods.base import AdapterLayer, BaseTuner, WrappingTuner
 from monai_peft.methods.conv_adapters import ConvAdapterConfig, TSAConfig
 from monai_peft.methods.convpass import ConvpassConfig
-from monai_peft.methods.dka import DKAConfig
 from monai_peft.methods.diffusion import DiffFitConfig, DiffusionBiasNormAttentionConfig, SVDiffConfig
+from monai_peft.methods.dka import DKAConfig
 from monai_peft.methods.ept import EPTConfig
 from monai_peft.methods.fact import FacTConfig
 from monai_peft.methods.lora import LoraConfig
