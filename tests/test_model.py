@@ -295,6 +295,18 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
 
 
+def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        mp.get_peft_model(tiny_vit(2), mp.LoraConfig(r=2)).save_adapter(tmp_path)
+    finally:
+        os.umask(mask)
+    for name in (CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_adapter_file_holds_only_trained_tensors(tmp_path):
     model = mp.get_peft_model(tiny_vit(2), mp.LoraConfig(r=2))
     model.save_adapter(tmp_path)
