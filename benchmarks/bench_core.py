@@ -42,6 +42,11 @@ METHODS_VIT = [
     ("partial", {"k": 1}),
     ("linear_probe", {}),
     ("full_finetune", {}),
+    ("dka", {}),
+    ("vpt", {"prompt_length": 10}),
+    ("ept", {"prompt_length": 10}),
+    ("convpass", {}),
+    ("fact", {}),
 ]
 METHODS_CNN = [
     ("lora", {"r": 4, "alpha": 32}),
@@ -52,6 +57,9 @@ METHODS_CNN = [
     ("partial", {"k": 1}),
     ("linear_probe", {}),
     ("full_finetune", {}),
+    ("dka", {}),
+    ("conv_adapter", {}),
+    ("tsa", {}),
 ]
 
 

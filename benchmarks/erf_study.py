@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import monai_peft as mp  # noqa: E402
 from monai_peft.analysis.erf import THRESHOLDS, compute_erf, ratio_table, save_erf_figure  # noqa: E402
+from monai_peft.errors import InputDataError  # noqa: E402
 
 METHODS = ("linear_probe", "adapter", "dka")
 LABELS = {"linear_probe": "linear probing", "adapter": "Houlsby adapter", "dka": "DKA"}
@@ -109,19 +110,25 @@ def run_one(method: str, seed: int, lr: float, args: argparse.Namespace, npz: Pa
         best = mp.PeftModel.from_pretrained(_backbone(args.image_size), fit.best_adapter_dir).eval()
         train_s = time.time() - t0
         metrics = evaluate_classifier(best, DataLoader(test, batch_size=128), num_classes=2)
-        erfs = {layer: compute_erf(best, erf_images, layer, batch_size=10) for layer in args.layers}
+        erfs = {}
+        for layer in args.layers:
+            try:
+                erfs[layer] = compute_erf(best, erf_images, layer, batch_size=10)
+            except InputDataError as exc:  # e.g. a diverged run whose centre unit is dead: recorded, not fatal
+                erfs[layer] = None
+                print(f"           ERF @ {layer}: not measurable ({exc})", flush=True)
     row = {
         "method": method, "seed": seed, "lr": lr, "train_images": n_train, "trainable_parameters": trainable,
         "all_parameters": total, "best_epoch": fit.best_epoch, "val_auc": fit.best_metric, "test_auc": metrics["auc"],
         "test_acc": metrics["acc"], "train_seconds": round(train_s, 1),
-        "erf": {layer: r.as_dict() for layer, r in erfs.items()},
+        "erf": {layer: (r.as_dict() if r is not None else None) for layer, r in erfs.items()},
     }
     print(
         f"[seed {seed}] {LABELS[method]:16s} lr {lr:g}  trainable {trainable:,d}  best epoch {fit.best_epoch}  val AUC "
         f"{fit.best_metric:.4f}  test AUC {metrics['auc']:.4f}  acc {metrics['acc']:.4f}  ({train_s:.0f} s)",
         flush=True,
     )
-    for layer, r in erfs.items():
+    for layer, r in ((k, v) for k, v in erfs.items() if v is not None):
         print(f"           ERF @ {layer}: " + ", ".join(f"{t:.0%}: {v:.4f}" for t, v in r.area_ratios.items()), flush=True)
     row["_maps"] = {layer: r for layer, r in erfs.items()}
     return row
@@ -179,14 +186,14 @@ def main() -> None:
             fig = Path(args.figure)
             fig = fig if i == 0 else fig.with_name(f"{fig.stem}_{layer.replace('.', '_').strip('_')}{fig.suffix}")
             save_erf_figure(
-                {LABELS[r["method"]]: r["_maps"][layer] for r in first_seed}, fig,
+                {LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None}, fig,
                 suptitle=f"EfficientNet-Lite0 (ImageNet), PneumoniaMNIST {args.fraction:.0%}/class, seed "
                 f"{args.seeds[0]}\nERF at {layer}, {len(erf_images)} test images",
             )
             print(f"figure ({layer}): {fig}")
     for layer in args.layers:
         print(f"\nArea ratios at {layer} (seed {args.seeds[0]}):")
-        print(ratio_table({LABELS[r["method"]]: r["_maps"][layer] for r in first_seed}, THRESHOLDS))
+        print(ratio_table({LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None}, THRESHOLDS))
     print("\nPer method, mean ± std over seeds " + str(args.seeds) + ":")
     print("| method | lr | trainable | test acc | test AUC | " + " | ".join(f"ERF {t:.0%} @ {layer0}" for t in THRESHOLDS) + " |")
     print("|---|---|---|---|---|" + "---|" * len(THRESHOLDS))
@@ -195,7 +202,7 @@ def main() -> None:
         rs = [r for r in rows if r["method"] == method]
         acc = np.array([r["test_acc"] for r in rs])
         auc = np.array([r["test_auc"] for r in rs])
-        erf_t = {t: np.array([r["_maps"][layer0].area_ratios[t] for r in rs]) for t in THRESHOLDS}
+        erf_t = {t: np.array([r["_maps"][layer0].area_ratios[t] for r in rs if r["_maps"][layer0] is not None]) for t in THRESHOLDS}
         summary[method] = {
             "test_acc_mean": acc.mean(), "test_acc_std": acc.std(), "test_auc_mean": auc.mean(), "test_auc_std": auc.std(),
             "erf_mean": {f"{t:g}": v.mean() for t, v in erf_t.items()},
