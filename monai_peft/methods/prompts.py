@@ -498,6 +498,15 @@ def _validate_common(cfg: Any, inits: tuple[str, ...]) -> None:
     )
 
 
+def token_prompt_plan(model: nn.Module, cfg: VPTConfig | VPConfig, method: str) -> tuple[list[str], list[int], TokenLayout, int]:
+    """(transformer block names, indices of the prompted ones, token layout of the first, prefix token count)."""
+    blocks = find_transformer_blocks(model, cfg, method)
+    prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), method)
+    layout = token_layout(model, blocks[0])
+    prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else layout.num_prefix_tokens
+    return blocks, prompted, layout, prefix
+
+
 class VPTTuner(BaseTuner):
     """Wraps the transformer blocks from the first prompted one on with :class:`TokenPromptLayer`."""
 
@@ -505,12 +514,7 @@ class VPTTuner(BaseTuner):
     config: VPTConfig
 
     def _plan(self, model: nn.Module) -> tuple[list[str], list[int], TokenLayout, int]:
-        cfg = self.config
-        blocks = find_transformer_blocks(model, cfg, self.method)
-        prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), self.method)
-        layout = token_layout(model, blocks[0])
-        prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else layout.num_prefix_tokens
-        return blocks, prompted, layout, prefix
+        return token_prompt_plan(model, self.config, self.method)
 
     def check_applicable(self, model: nn.Module) -> None:
         self._plan(model)
@@ -709,12 +713,7 @@ class VPTuner(BaseTuner):
 
     # -- token mode ------------------------------------------------------------------------------
     def _token_plan(self, model: nn.Module) -> tuple[list[str], list[int], TokenLayout, int]:
-        cfg = self.config
-        blocks = find_transformer_blocks(model, cfg, self.method)
-        prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), self.method)
-        layout = token_layout(model, blocks[0])
-        prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else layout.num_prefix_tokens
-        return blocks, prompted, layout, prefix
+        return token_prompt_plan(model, self.config, self.method)
 
     # -- pixel mode ------------------------------------------------------------------------------
     def _pixel_plan(self, model: nn.Module) -> tuple[list[str], int, tuple[int, ...]]:
