@@ -465,3 +465,25 @@ def test_config_round_trip_and_registry():
     assert DKAConfig().mode_for(3, (11, 11, 11)) == "full" and DKAConfig().mode_for(3, (15, 15, 15)) == "separable"
     assert DKAConfig(large_kernel_mode="full").mode_for(3) == "full"
     assert math.isclose(DKAConfig().dropout, 0.1)
+
+
+def test_timm_swin_blocks_get_channel_last_adapters_that_convolve_across_windows():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=2, embed_dim=24, depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1), img_size=64, window_size=4, in_chans=1,
+    ).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+    cfg = DKAConfig(target_modules=[r"re:layers\.\d+\.blocks\.\d+"], zero_init=True, input_shape=[1, 64, 64])
+    model = mp.get_peft_model(net, cfg).eval()
+    layers = dict(model.adapter_layers())
+    assert sorted(layers) == [f"layers.{i}.blocks.0" for i in range(4)]
+    first_adapter = layers["layers.0.blocks.0"].adapters["default"]
+    assert first_adapter.channel_dim == -1 and first_adapter.large.kernel_size == (31, 31)  # 16 x 16 map: 2n - 1
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+        h.randomize_adapter_params(model)
+        assert not torch.allclose(model(x), ref)
