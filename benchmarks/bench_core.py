@@ -212,7 +212,25 @@ for _ in range(steps):
     if device == "cuda": torch.cuda.synchronize()
     times.append(time.perf_counter() - t)
 times.sort()
-res = {{"step_s": times[len(times)//2], "trainable": model.trainable_parameters()[0]}}
+# training-state bytes, counted tensor by tensor (device independent): parameters + gradients + optimizer
+# state + the activations autograd saves for backward (unique storages, as packed by saved_tensors_hooks)
+saved = {{}}
+param_ptrs = {{p.untyped_storage().data_ptr() for p in model.parameters()}}
+def pack(t):
+    ptr = t.untyped_storage().data_ptr()
+    if ptr not in param_ptrs:  # parameters saved for backward are already counted as parameters
+        saved[ptr] = t.untyped_storage().nbytes()
+    return t
+opt.zero_grad(set_to_none=True)
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss = F.cross_entropy(model(x)[0], y)
+loss.backward(); opt.step()
+params_b = sum(p.numel() * p.element_size() for p in model.parameters())
+grads_b = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+opt_b = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+res = {{"step_s": times[len(times)//2], "trainable": model.trainable_parameters()[0], "params_bytes": params_b,
+       "grads_bytes": grads_b, "optimizer_bytes": opt_b, "saved_activation_bytes": sum(saved.values())}}
+res["train_state_bytes"] = params_b + grads_b + opt_b + res["saved_activation_bytes"]
 if device == "cuda":
     res["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
 else:
@@ -238,6 +256,7 @@ def bench_train(device: str, batch: int, steps: int) -> dict:
         if "step_s" in r:
             r["step_ratio_vs_full"] = round(r["step_s"] / ref["step_s"], 3)
             r["memory_ratio_vs_full"] = round(r[mem_key] / ref[mem_key], 3)
+            r["train_state_ratio_vs_full"] = round(r["train_state_bytes"] / ref["train_state_bytes"], 3)
     return {"batch": batch, "steps": steps, "memory_measure": mem_key, "methods": rows}
 
 

@@ -47,15 +47,19 @@ def render_train(tr: dict) -> str:
     mem = "peak GPU memory (MB)" if tr["memory_measure"] == "peak_mem_bytes" else "peak process RSS (MB)"
     lines = [
         f"Batch {tr['batch']}, median of {tr['steps']} steps after one warm-up step, one fresh process per method.", "",
-        f"| method | trainable | step s | step ratio vs full FT | {mem} | memory ratio vs full FT |", "|---|---|---|---|---|---|",
+        f"| method | trainable | step s | step ratio vs full FT | {mem} | ratio vs full FT | training state MB "
+        "(params + grads + optimizer + saved activations) | ratio vs full FT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, r in tr["methods"].items():
         if "error" in r:
-            lines.append(f"| `{m}` | error | | | | |")
+            lines.append(f"| `{m}` | error | | | | | | |")
             continue
         lines.append(
             f"| `{m}` | {r['trainable']:,d} | {r['step_s']:.3f} | {r['step_ratio_vs_full']:.3f} | "
-            f"{r[tr['memory_measure']] / 1e6:.0f} | {r['memory_ratio_vs_full']:.3f} |"
+            f"{r[tr['memory_measure']] / 1e6:.0f} | {r['memory_ratio_vs_full']:.3f} | "
+            f"{r['train_state_bytes'] / 1e6:.0f} ({r['params_bytes'] / 1e6:.0f} + {r['grads_bytes'] / 1e6:.0f} + "
+            f"{r['optimizer_bytes'] / 1e6:.0f} + {r['saved_activation_bytes'] / 1e6:.0f}) | {r['train_state_ratio_vs_full']:.3f} |"
         )
     return "\n".join(lines)
 
