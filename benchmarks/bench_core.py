@@ -157,9 +157,10 @@ def _interleaved(fns: dict, device: str, reps: int, warmup: int = 2) -> dict[str
         for _ in range(warmup):
             _time(fn, device)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(_time(fn, device))
+    order = list(fns)
+    for rep in range(reps):
+        for k in order if rep % 2 == 0 else order[::-1]:  # alternate the order: no variant always runs first
+            times[k].append(_time(fns[k], device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -309,6 +310,13 @@ def main() -> None:
     reps = args.reps or (30 if args.device == "cuda" else 7)
     only = set(args.only.split(","))
     results = {"machine": machine(), "device": args.device, "command": " ".join(sys.argv)}
+    if args.out and Path(args.out).is_file() and only != {"params", "latency", "train", "peft"}:
+        # a partial run updates its sections of an existing result file and keeps the others
+        previous = json.loads(Path(args.out).read_text())
+        earlier = {k: previous["command"] for k in ("params", "latency", "train", "peft") if k in previous}
+        results = {**previous, **results, "sections_from_command": {**earlier, **previous.get("sections_from_command", {})}}
+    for section in only:
+        results.setdefault("sections_from_command", {})[section] = " ".join(sys.argv)
     if "params" in only:
         results["params"] = bench_params()
     if "latency" in only:

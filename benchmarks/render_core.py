@@ -79,7 +79,10 @@ def render_peft(p: dict) -> str:
 
 def main() -> None:
     data = json.loads(Path(sys.argv[1]).read_text())
-    print(f"Machine: {data['machine']}; device {data['device']}; command `{data['command']}`\n")
+    print(f"Machine: {data['machine']}; device {data['device']}\n")
+    for section, command in data.get("sections_from_command", {"all": data["command"]}).items():
+        print(f"- {section}: `{command}`")
+    print()
     for key, fn in (("params", render_params), ("latency", render_latency), ("train", render_train), ("peft", render_peft)):
         if key in data:
             print(f"### {key}\n\n{fn(data[key])}\n")
