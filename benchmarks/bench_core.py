@@ -66,7 +66,16 @@ METHODS_CNN = [
 def vit_b16(num_classes: int = 2) -> nn.Module:
     from monai.networks.nets import ViT
 
-    return ViT(in_channels=3, img_size=(224, 224), patch_size=16, spatial_dims=2, classification=True, num_classes=num_classes, qkv_bias=True, post_activation=None)
+    return ViT(
+        in_channels=3,
+        img_size=(224, 224),
+        patch_size=16,
+        spatial_dims=2,
+        classification=True,
+        num_classes=num_classes,
+        qkv_bias=True,
+        post_activation=None,
+    )
 
 
 def swinunetr() -> nn.Module:
@@ -83,7 +92,10 @@ def densenet121() -> nn.Module:
 
 NETWORKS = {
     "ViT-B/16 (2D, 224)": (vit_b16, METHODS_VIT + [("lora_qv+head", {"r": 4, "alpha": 32})]),
-    "SwinUNETR (3D, feature 48)": (swinunetr, [m for m in METHODS_VIT if m[0] != "adaptformer"] + [("adaptformer", {"bottleneck": 16})]),
+    "SwinUNETR (3D, feature 48)": (
+        swinunetr,
+        [m for m in METHODS_VIT if m[0] != "adaptformer"] + [("adaptformer", {"bottleneck": 16})],
+    ),
     "DenseNet121 (2D)": (densenet121, METHODS_CNN),
 }
 
@@ -99,7 +111,13 @@ def _cpu_name() -> str:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -131,11 +149,21 @@ def bench_params() -> list[dict]:
             base_params = sum(p.numel() for p in model.base_model.parameters()) - (
                 sum(p.numel() for _, layer in model.adapter_layers() for p in layer.adapters.parameters())
             )
-            rows.append({
-                "network": net_name, "method": method, "config": kw, "trainable": trainable, "total": total,
-                "trainable_pct_of_base": round(100 * trainable / base_params, 4), "adapter_file_bytes": size,
-            })
-            print(f"{net_name:28s} {method:18s} trainable {trainable:>12,d} ({100 * trainable / base_params:8.4f} %)  file {size / 1e6:9.3f} MB", flush=True)
+            rows.append(
+                {
+                    "network": net_name,
+                    "method": method,
+                    "config": kw,
+                    "trainable": trainable,
+                    "total": total,
+                    "trainable_pct_of_base": round(100 * trainable / base_params, 4),
+                    "adapter_file_bytes": size,
+                }
+            )
+            print(
+                f"{net_name:28s} {method:18s} trainable {trainable:>12,d} ({100 * trainable / base_params:8.4f} %)  file {size / 1e6:9.3f} MB",
+                flush=True,
+            )
             del model, net
             gc.collect()
     return rows
@@ -178,9 +206,11 @@ def bench_latency(device: str, batch: int, reps: int) -> dict:
         models[f"{name}_merged"] = mp.get_peft_model(copy.deepcopy(base), cfg).merge_and_unload().to(device).eval()
     fns = {}
     for k, m in models.items():
+
         def run(m=m):
             with torch.no_grad():
                 m(x)
+
         fns[k] = run
     med = _interleaved(fns, device, reps)
     out = {"batch": batch, "median_s": med, "ratio_vs_base": {k: round(v / med["base"], 3) for k, v in med.items()}}
@@ -243,8 +273,19 @@ print("RESULT" + json.dumps(res))
 def bench_train(device: str, batch: int, steps: int) -> dict:
     child = TRAIN_CHILD.format(bench_dir=str(Path(__file__).parent))
     rows = {}
-    for method, kw in [("full_finetune", {}), ("lora", {"r": 4, "alpha": 32}), ("adapter", {"bottleneck": 64}), ("ssf", {}), ("bitfit", {}), ("linear_probe", {})]:
-        proc = subprocess.run([sys.executable, "-c", child, json.dumps([method, kw, device, batch, steps])], capture_output=True, text=True)
+    for method, kw in [
+        ("full_finetune", {}),
+        ("lora", {"r": 4, "alpha": 32}),
+        ("adapter", {"bottleneck": 64}),
+        ("ssf", {}),
+        ("bitfit", {}),
+        ("linear_probe", {}),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-c", child, json.dumps([method, kw, device, batch, steps])],
+            capture_output=True,
+            text=True,
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
         if not line:
             rows[method] = {"error": proc.stderr[-400:]}
@@ -269,8 +310,12 @@ def bench_peft(device: str, batch: int, reps: int) -> dict:
         return {"skipped": "Hugging Face peft is not installed (pip install peft)"}
     torch.manual_seed(0)
     base = vit_b16()
-    ours = mp.get_peft_model(copy.deepcopy(base), mp.LoraConfig(r=8, alpha=16, target_modules=["qkv", "out_proj"])).to(device)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "out_proj"])).to(device)
+    ours = mp.get_peft_model(copy.deepcopy(base), mp.LoraConfig(r=8, alpha=16, target_modules=["qkv", "out_proj"])).to(
+        device
+    )
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "out_proj"])
+    ).to(device)
     # identical adapter weights: copy ours into theirs
     with torch.no_grad():
         for path, layer in ours.adapter_layers():
@@ -284,16 +329,27 @@ def bench_peft(device: str, batch: int, reps: int) -> dict:
     with torch.no_grad():
         diff = (ours(x)[0] - theirs(x)[0]).abs().max().item()
     ours.train(), theirs.train()
-    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in (("ours", ours), ("peft", theirs))}
+    opts = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for k, m in (("ours", ours), ("peft", theirs))
+    }
 
     def step(m, opt):
         opt.zero_grad(set_to_none=True)
         m(x)[0].square().mean().backward()
         opt.step()
 
-    med = _interleaved({"ours": lambda: step(ours, opts["ours"]), "peft": lambda: step(theirs, opts["peft"])}, device, reps)
-    out = {"peft_version": peft.__version__, "max_abs_output_diff": diff, "median_step_s": med, "step_ratio_ours_over_peft": round(med["ours"] / med["peft"], 3),
-           "trainable_ours": ours.trainable_parameters()[0], "trainable_peft": sum(p.numel() for p in theirs.parameters() if p.requires_grad)}
+    med = _interleaved(
+        {"ours": lambda: step(ours, opts["ours"]), "peft": lambda: step(theirs, opts["peft"])}, device, reps
+    )
+    out = {
+        "peft_version": peft.__version__,
+        "max_abs_output_diff": diff,
+        "median_step_s": med,
+        "step_ratio_ours_over_peft": round(med["ours"] / med["peft"], 3),
+        "trainable_ours": ours.trainable_parameters()[0],
+        "trainable_peft": sum(p.numel() for p in theirs.parameters() if p.requires_grad),
+    }
     print("peft comparison:", out, flush=True)
     return out
 
@@ -314,7 +370,11 @@ def main() -> None:
         # a partial run updates its sections of an existing result file and keeps the others
         previous = json.loads(Path(args.out).read_text())
         earlier = {k: previous["command"] for k in ("params", "latency", "train", "peft") if k in previous}
-        results = {**previous, **results, "sections_from_command": {**earlier, **previous.get("sections_from_command", {})}}
+        results = {
+            **previous,
+            **results,
+            "sections_from_command": {**earlier, **previous.get("sections_from_command", {})},
+        }
     for section in only:
         results.setdefault("sections_from_command", {})[section] = " ".join(sys.argv)
     if "params" in only:

@@ -32,17 +32,34 @@ import monai_peft.methods.diffusion  # registers svdiff, difffit, B+N+A and the 
 
 CONFIGS = {
     "ddpm2d": dict(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=(128, 256, 256), attention_levels=(False, True, True),
-        num_res_blocks=1, num_head_channels=256,
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(128, 256, 256),
+        attention_levels=(False, True, True),
+        num_res_blocks=1,
+        num_head_channels=256,
     ),
     "cxr_ldm": dict(
-        spatial_dims=2, in_channels=3, out_channels=3, channels=(256, 512, 768), attention_levels=(False, True, True),
-        num_res_blocks=2, num_head_channels=(0, 512, 768), with_conditioning=True, transformer_num_layers=1,
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=3,
+        channels=(256, 512, 768),
+        attention_levels=(False, True, True),
+        num_res_blocks=2,
+        num_head_channels=(0, 512, 768),
+        with_conditioning=True,
+        transformer_num_layers=1,
         cross_attention_dim=1024,
     ),
     "ddpm3d": dict(
-        spatial_dims=3, in_channels=1, out_channels=1, channels=(256, 256, 512), attention_levels=(False, False, True),
-        num_res_blocks=2, num_head_channels=(0, 0, 512),
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=(256, 256, 512),
+        attention_levels=(False, False, True),
+        num_res_blocks=2,
+        num_head_channels=(0, 0, 512),
     ),
 }
 METHODS = {
@@ -113,7 +130,9 @@ def main() -> None:
     for label in labels:
         cells = [f"{fmt(r[label])} ({100 * r[label] / r['total']:.2f} %)" for r in rows]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print("| norm, literal \"norm\"-in-name rule | " + " | ".join(fmt(r["norm (literal name rule)"]) for r in rows) + " |")
+    print(
+        '| norm, literal "norm"-in-name rule | ' + " | ".join(fmt(r["norm (literal name rule)"]) for r in rows) + " |"
+    )
     if "svdiff" in labels:
         print("| SV-Diff setup (SVD of every weight), s | " + " | ".join(str(r["svdiff setup_s"]) for r in rows) + " |")
     if args.step:

@@ -54,8 +54,18 @@ def vit(d: int) -> nn.Module:
     from monai.networks.nets import ViT
 
     return ViT(
-        in_channels=1, img_size=(64,) * d, patch_size=8, spatial_dims=d, hidden_size=48, mlp_dim=96, num_layers=2,
-        num_heads=4, classification=True, num_classes=2, post_activation=None, qkv_bias=True,
+        in_channels=1,
+        img_size=(64,) * d,
+        patch_size=8,
+        spatial_dims=d,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=2,
+        num_heads=4,
+        classification=True,
+        num_classes=2,
+        post_activation=None,
+        qkv_bias=True,
     )
 
 
@@ -107,8 +117,20 @@ def main() -> None:
         ("2D full 51 x 51 + 5 x 5 (paper)", (51, 51), (5, 5), "full", "m (2C + k^2 + k_s^2)"),
         ("2D full, clamped to a 14 x 14 grid (27 x 27)", (27, 27), (5, 5), "full", "m (2C + k^2 + k_s^2)"),
         ("3D full 51^3 + 5^3 (literal)", (51,) * 3, (5,) * 3, "full", "m (2C + k^3 + k_s^3)"),
-        ("3D separable 51 + 5^3 (auto when the map size is unknown or large)", (51,) * 3, (5,) * 3, "separable", "m (2C + 3k + k_s^3)"),
-        ("3D full clamped to a 6^3 grid, 11^3 + 5^3 (auto picks it)", (11,) * 3, (5,) * 3, "full", "m (2C + k^3 + k_s^3)"),
+        (
+            "3D separable 51 + 5^3 (auto when the map size is unknown or large)",
+            (51,) * 3,
+            (5,) * 3,
+            "separable",
+            "m (2C + 3k + k_s^3)",
+        ),
+        (
+            "3D full clamped to a 6^3 grid, 11^3 + 5^3 (auto picks it)",
+            (11,) * 3,
+            (5,) * 3,
+            "full",
+            "m (2C + k^3 + k_s^3)",
+        ),
         ("3D separable clamped to a 6^3 grid (11 + 5^3)", (11,) * 3, (5,) * 3, "separable", "m (2C + 3k + k_s^3)"),
         ("3D full clamped to an 8^3 grid (15^3 + 5^3)", (15,) * 3, (5,) * 3, "full", "m (2C + k^3 + k_s^3)"),
         ("3D dilated 5^3 reaching 51 (d = 13) + 5^3", (51,) * 3, (5,) * 3, "dilated", "m (2C + 5^3 + k_s^3)"),
@@ -116,8 +138,10 @@ def main() -> None:
         print(f"| {label} | {formula} | {dka_parameter_count(768, 16, large, small, mode):,d} |")
     rows = [measure(name, d, make, args.steps) for name, d, make in DESIGNS]
     print(f"\nERF of the last block (8 inputs), tiny frozen ViT, grid 8^d; init -> after {args.steps} steps:")
-    print("| design | kernels (clamped) | params / adapter | t = 50 % init | t = 50 % trained | t = 99 % trained | "
-          "side fraction (t = 50 %, trained) |")
+    print(
+        "| design | kernels (clamped) | params / adapter | t = 50 % init | t = 50 % trained | t = 99 % trained | "
+        "side fraction (t = 50 %, trained) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         i, t = r["init"].area_ratios, r["trained"].area_ratios
@@ -130,8 +154,11 @@ def main() -> None:
         save_erf_figure({r["name"]: r["trained"] for r in rows if r["d"] == 2}, args.figure, suptitle="2D, trained")
         fig3 = Path(args.figure).with_name(Path(args.figure).stem + "_3d.png")
         save_erf_figure(
-            {r["name"]: r["trained"] for r in rows if r["d"] == 3}, fig3, suptitle="3D, trained (central slices)",
-            panel_size=1.8, dpi=45,
+            {r["name"]: r["trained"] for r in rows if r["d"] == 3},
+            fig3,
+            suptitle="3D, trained (central slices)",
+            panel_size=1.8,
+            dpi=45,
         )
         print(f"figures: {args.figure}, {fig3}")
     print(f"total time {time.time() - t0:.0f} s")

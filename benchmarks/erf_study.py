@@ -104,8 +104,16 @@ def run_one(method: str, seed: int, lr: float, args: argparse.Namespace, npz: Pa
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"erf_{method}_") as tmp:
         fit = fit_classifier(
-            model, DataLoader(train, batch_size=args.batch_size, shuffle=True), DataLoader(val, batch_size=128),
-            num_classes=2, epochs=args.epochs, lr=lr, out_dir=tmp, resume=False, progress=False, tensorboard=False,
+            model,
+            DataLoader(train, batch_size=args.batch_size, shuffle=True),
+            DataLoader(val, batch_size=128),
+            num_classes=2,
+            epochs=args.epochs,
+            lr=lr,
+            out_dir=tmp,
+            resume=False,
+            progress=False,
+            tensorboard=False,
         )
         best = mp.PeftModel.from_pretrained(_backbone(args.image_size), fit.best_adapter_dir).eval()
         train_s = time.time() - t0
@@ -118,9 +126,17 @@ def run_one(method: str, seed: int, lr: float, args: argparse.Namespace, npz: Pa
                 erfs[layer] = None
                 print(f"           ERF @ {layer}: not measurable ({exc})", flush=True)
     row = {
-        "method": method, "seed": seed, "lr": lr, "train_images": n_train, "trainable_parameters": trainable,
-        "all_parameters": total, "best_epoch": fit.best_epoch, "val_auc": fit.best_metric, "test_auc": metrics["auc"],
-        "test_acc": metrics["acc"], "train_seconds": round(train_s, 1),
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "train_images": n_train,
+        "trainable_parameters": trainable,
+        "all_parameters": total,
+        "best_epoch": fit.best_epoch,
+        "val_auc": fit.best_metric,
+        "test_auc": metrics["auc"],
+        "test_acc": metrics["acc"],
+        "train_seconds": round(train_s, 1),
         "erf": {layer: (r.as_dict() if r is not None else None) for layer, r in erfs.items()},
     }
     print(
@@ -129,7 +145,9 @@ def run_one(method: str, seed: int, lr: float, args: argparse.Namespace, npz: Pa
         flush=True,
     )
     for layer, r in ((k, v) for k, v in erfs.items() if v is not None):
-        print(f"           ERF @ {layer}: " + ", ".join(f"{t:.0%}: {v:.4f}" for t, v in r.area_ratios.items()), flush=True)
+        print(
+            f"           ERF @ {layer}: " + ", ".join(f"{t:.0%}: {v:.4f}" for t, v in r.area_ratios.items()), flush=True
+        )
     row["_maps"] = {layer: r for layer, r in erfs.items()}
     return row
 
@@ -143,8 +161,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="passes over the training subset per epoch")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2],
-                   help="learning rates tried per method on the first seed; the best validation AUC is kept")
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[1e-3, 3e-3, 1e-2, 3e-2],
+        help="learning rates tried per method on the first seed; the best validation AUC is kept",
+    )
     p.add_argument("--bottleneck", type=int, default=16, help="width m of both adapters")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--erf-images", type=int, default=100)
@@ -186,40 +209,69 @@ def main() -> None:
             fig = Path(args.figure)
             fig = fig if i == 0 else fig.with_name(f"{fig.stem}_{layer.replace('.', '_').strip('_')}{fig.suffix}")
             save_erf_figure(
-                {LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None}, fig,
+                {LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None},
+                fig,
                 suptitle=f"EfficientNet-Lite0 (ImageNet), PneumoniaMNIST {args.fraction:.0%}/class, seed "
                 f"{args.seeds[0]}\nERF at {layer}, {len(erf_images)} test images",
             )
             print(f"figure ({layer}): {fig}")
     for layer in args.layers:
         print(f"\nArea ratios at {layer} (seed {args.seeds[0]}):")
-        print(ratio_table({LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None}, THRESHOLDS))
+        print(
+            ratio_table(
+                {LABELS[r["method"]]: r["_maps"][layer] for r in first_seed if r["_maps"][layer] is not None},
+                THRESHOLDS,
+            )
+        )
     print("\nPer method, mean ± std over seeds " + str(args.seeds) + ":")
-    print("| method | lr | trainable | test acc | test AUC | " + " | ".join(f"ERF {t:.0%} @ {layer0}" for t in THRESHOLDS) + " |")
+    print(
+        "| method | lr | trainable | test acc | test AUC | "
+        + " | ".join(f"ERF {t:.0%} @ {layer0}" for t in THRESHOLDS)
+        + " |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(THRESHOLDS))
     summary = {}
     for method in args.methods:
         rs = [r for r in rows if r["method"] == method]
         acc = np.array([r["test_acc"] for r in rs])
         auc = np.array([r["test_auc"] for r in rs])
-        erf_t = {t: np.array([r["_maps"][layer0].area_ratios[t] for r in rs if r["_maps"][layer0] is not None]) for t in THRESHOLDS}
+        erf_t = {
+            t: np.array([r["_maps"][layer0].area_ratios[t] for r in rs if r["_maps"][layer0] is not None])
+            for t in THRESHOLDS
+        }
         summary[method] = {
-            "test_acc_mean": acc.mean(), "test_acc_std": acc.std(), "test_auc_mean": auc.mean(), "test_auc_std": auc.std(),
+            "test_acc_mean": acc.mean(),
+            "test_acc_std": acc.std(),
+            "test_auc_mean": auc.mean(),
+            "test_auc_std": auc.std(),
             "erf_mean": {f"{t:g}": v.mean() for t, v in erf_t.items()},
         }
         print(
             f"| {LABELS[method]} | {chosen[method]:g} | {rs[0]['trainable_parameters']:,d} | {acc.mean():.4f} ± {acc.std():.4f} | "
-            f"{auc.mean():.4f} ± {auc.std():.4f} | " + " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" for v in erf_t.values()) + " |"
+            f"{auc.mean():.4f} ± {auc.std():.4f} | "
+            + " | ".join(f"{v.mean():.4f} ± {v.std():.4f}" for v in erf_t.values())
+            + " |"
         )
     print(f"\ntotal time {time.time() - t_all:.0f} s")
     if args.out_json:
         out = Path(args.out_json)
         out.parent.mkdir(parents=True, exist_ok=True)
         clean = [{k: v for k, v in r.items() if k != "_maps"} for r in rows]
-        out.write_text(json.dumps({
-            "machine": _machine(), "command": " ".join(sys.argv), "args": vars(args), "lr_selection": selection,
-            "chosen_lr": chosen, "runs": clean, "summary": summary,
-        }, indent=2, default=float))
+        out.write_text(
+            json.dumps(
+                {
+                    "machine": _machine(),
+                    "command": " ".join(sys.argv),
+                    "args": vars(args),
+                    "lr_selection": selection,
+                    "chosen_lr": chosen,
+                    "runs": clean,
+                    "summary": summary,
+                },
+                indent=2,
+                default=float,
+            )
+        )
         print(f"json: {out}")
 
 

@@ -37,7 +37,12 @@ def render_params(rows: list[dict]) -> str:
 
 
 def render_latency(lat: dict) -> str:
-    lines = [f"Batch {lat['batch']}, median of interleaved repetitions.", "", "| model | median s / batch | ratio vs base |", "|---|---|---|"]
+    lines = [
+        f"Batch {lat['batch']}, median of interleaved repetitions.",
+        "",
+        "| model | median s / batch | ratio vs base |",
+        "|---|---|---|",
+    ]
     for k, v in lat["median_s"].items():
         lines.append(f"| {k} | {v:.4f} | {lat['ratio_vs_base'][k]:.3f} |")
     return "\n".join(lines)
@@ -46,7 +51,8 @@ def render_latency(lat: dict) -> str:
 def render_train(tr: dict) -> str:
     mem = "peak GPU memory (MB)" if tr["memory_measure"] == "peak_mem_bytes" else "peak process RSS (MB)"
     lines = [
-        f"Batch {tr['batch']}, median of {tr['steps']} steps after one warm-up step, one fresh process per method.", "",
+        f"Batch {tr['batch']}, median of {tr['steps']} steps after one warm-up step, one fresh process per method.",
+        "",
         f"| method | trainable | step s | step ratio vs full FT | {mem} | ratio vs full FT | training state MB "
         "(params + grads + optimizer + saved activations) | ratio vs full FT |",
         "|---|---|---|---|---|---|---|---|",
@@ -67,14 +73,18 @@ def render_train(tr: dict) -> str:
 def render_peft(p: dict) -> str:
     if "skipped" in p:
         return f"Skipped: {p['skipped']}"
-    return "\n".join([
-        f"Hugging Face peft {p['peft_version']}; LoRA r = 8, α = 16 on `qkv` and `out_proj` of every block, identical adapter weights.", "",
-        "| figure | value |", "|---|---|",
-        f"| max abs output difference | {p['max_abs_output_diff']:.3g} |",
-        f"| trainable (monai_peft / peft) | {p['trainable_ours']:,d} / {p['trainable_peft']:,d} |",
-        f"| median train step s (monai_peft / peft) | {p['median_step_s']['ours']:.4f} / {p['median_step_s']['peft']:.4f} |",
-        f"| step time ratio monai_peft / peft | {p['step_ratio_ours_over_peft']:.3f} |",
-    ])
+    return "\n".join(
+        [
+            f"Hugging Face peft {p['peft_version']}; LoRA r = 8, α = 16 on `qkv` and `out_proj` of every block, identical adapter weights.",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| max abs output difference | {p['max_abs_output_diff']:.3g} |",
+            f"| trainable (monai_peft / peft) | {p['trainable_ours']:,d} / {p['trainable_peft']:,d} |",
+            f"| median train step s (monai_peft / peft) | {p['median_step_s']['ours']:.4f} / {p['median_step_s']['peft']:.4f} |",
+            f"| step time ratio monai_peft / peft | {p['step_ratio_ours_over_peft']:.3f} |",
+        ]
+    )
 
 
 def main() -> None:
@@ -83,7 +93,12 @@ def main() -> None:
     for section, command in data.get("sections_from_command", {"all": data["command"]}).items():
         print(f"- {section}: `{command}`")
     print()
-    for key, fn in (("params", render_params), ("latency", render_latency), ("train", render_train), ("peft", render_peft)):
+    for key, fn in (
+        ("params", render_params),
+        ("latency", render_latency),
+        ("train", render_train),
+        ("peft", render_peft),
+    ):
         if key in data:
             print(f"### {key}\n\n{fn(data[key])}\n")
 

@@ -49,7 +49,7 @@ from monai_peft.methods import (
     WrappingTuner,
 )
 from monai_peft.model import PeftModel, applicable_methods, get_peft_model
-from monai_peft.registry import get_config, get_method, list_methods, register_method
+from monai_peft.registry import get_config, get_method, list_methods, list_paper_presets, register_method
 from monai_peft.targeting import NetworkPreset, TargetSpec, find_targets, get_preset, register_preset
 
 __all__ = [
@@ -97,6 +97,7 @@ __all__ = [
     "get_peft_model",
     "get_preset",
     "list_methods",
+    "list_paper_presets",
     "register_method",
     "register_preset",
 ]

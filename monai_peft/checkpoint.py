@@ -2,16 +2,23 @@
 
 Layout of an adapter folder (see docs/checkpoints.md)::
 
-    adapter_config.json        config fields, "method", "monai_peft_version",
-                               "base_model": {"class", "fingerprint", "num_tensors"},
-                               "tensors_sha256" (detects a torn / mismatched pair of files)
+    adapter_config.json        the resolved config: its fields, with "target_modules" naming exactly
+                               the adapted modules and every fact read from the network (qkv
+                               slices, token grid, prefix tokens) filled in; "method",
+                               "monai_peft_version", "plan" (per adapted module: its layer and the
+                               resolved facts, for people and tools), "base_model": {"class",
+                               "fingerprint", "num_tensors"}, "tensors_sha256" (detects a torn /
+                               mismatched pair of files)
     adapter_model.safetensors  only what was trained:
                                  "adapter.<module>.<tensor>"  tensors of added adapter layers
                                  "base.<tensor>"              base tensors trained in place
                                metadata: format, method, base_tensors (per-tensor digests)
 
 Files are written atomically (temporary file + ``os.replace``). Nothing is ever unpickled: a
-pickle-based file (``torch.save``) is recognised and refused with an explanation.
+pickle-based file (``torch.save``) is recognised and refused with an explanation. This module is the
+only one that knows the file names and the keys of ``adapter_config.json`` that are not config fields
+(:data:`FILE_KEYS`); :func:`config_fields` strips them. Files written before the resolved plan existed
+(``"target_modules": null``, no ``"plan"``) load as before: their config is resolved again on the network.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,16 @@ from monai_peft.targeting import canonical_named_tensors, innermost
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
+    "AdapterFolder",
     "CONFIG_NAME",
+    "FILE_KEYS",
     "atomic_write_bytes",
     "base_tensor_digests",
     "combine_fingerprint",
+    "config_fields",
     "diagnose_base_mismatch",
     "file_sha256",
+    "load_adapter_folder",
     "load_safetensors",
     "read_adapter_folder",
     "save_safetensors",
@@ -48,6 +60,13 @@ __all__ = [
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "monai_peft.adapter.v1"
+#: Keys of ``adapter_config.json`` written by :func:`write_adapter_folder` that are not config fields.
+FILE_KEYS = ("base_model", "monai_peft_version", "plan", "tensors_sha256")
+
+
+def config_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """The config part (``"method"`` + fields) of an ``adapter_config.json`` payload: :data:`FILE_KEYS` removed."""
+    return {k: v for k, v in payload.items() if k not in FILE_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +149,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Atomically write ``tensors`` (made contiguous, moved to CPU, un-shared) as safetensors."""
     from safetensors.torch import save
 
@@ -153,7 +174,9 @@ def sniff_format(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with clear errors for anything else."""
     from safetensors import safe_open
 
@@ -168,7 +191,9 @@ def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
             "`monai_peft.checkpoint.convert_torch_checkpoint(src, dst)` (uses torch.load(weights_only=True))"
         )
     if kind != "safetensors":
-        raise CheckpointError(f"{path} is not a safetensors file (unrecognised header); the file is corrupt or of another format")
+        raise CheckpointError(
+            f"{path} is not a safetensors file (unrecognised header); the file is corrupt or of another format"
+        )
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
@@ -209,8 +234,18 @@ def write_adapter_folder(
     tensors: dict[str, torch.Tensor],
     base_info: dict[str, Any],
     base_digests: dict[str, str],
+    plan: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (both atomically)."""
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (both atomically).
+
+    Args:
+        directory: the adapter folder (created if needed).
+        config: ``PeftConfig.to_dict()`` of the resolved config.
+        tensors: the adapter's tensors (see the module doc for the key layout).
+        base_info: ``{"class", "fingerprint", "num_tensors"}`` of the base network.
+        base_digests: per-tensor digests of the base (safetensors metadata, for mismatch diagnostics).
+        plan: the resolved plan (JSON), saved under ``"plan"``.
+    """
     from monai_peft import __version__
 
     directory = Path(directory)
@@ -221,6 +256,8 @@ def write_adapter_folder(
     payload = dict(config)
     payload["monai_peft_version"] = __version__
     payload["base_model"] = base_info
+    if plan:
+        payload["plan"] = plan
     payload["tensors_sha256"] = file_sha256(weights)
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
     return directory
@@ -230,7 +267,9 @@ def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], d
     """(config dict incl. ``base_model``, tensors, safetensors metadata) of an adapter folder."""
     directory = Path(directory)
     if directory.is_file():
-        raise CheckpointError(f"{directory} is a file; pass the adapter folder that holds {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}")
+        raise CheckpointError(
+            f"{directory} is a file; pass the adapter folder that holds {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; is it an adapter folder written by save_adapter()?")
@@ -249,6 +288,31 @@ def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], d
             "or a save was interrupted. Save the adapter again"
         )
     return config, tensors, metadata
+
+
+@dataclass
+class AdapterFolder:
+    """An adapter folder, read: ``config`` holds only config fields (``"method"`` included)."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    base_model: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None
+
+
+def load_adapter_folder(directory: str | os.PathLike) -> AdapterFolder:
+    """Read an adapter folder (checked as :func:`read_adapter_folder` does), its file keys apart from its config."""
+    payload, tensors, metadata = read_adapter_folder(directory)
+    return AdapterFolder(
+        config=config_fields(payload),
+        tensors=tensors,
+        metadata=metadata,
+        base_model=dict(payload.get("base_model") or {}),
+        plan=dict(payload.get("plan") or {}),
+        version=payload.get("monai_peft_version"),
+    )
 
 
 def model_class_name(model: nn.Module) -> str:

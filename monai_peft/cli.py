@@ -6,6 +6,8 @@ Sub-commands::
     monai-peft methods                                 registered PEFT methods and their config fields
     monai-peft info ADAPTER_DIR                        what an adapter folder holds
     monai-peft erf [--backbone B] [--adapter DIR] ...  effective receptive field on real images
+    monai-peft study CONFIG [--out DIR] [--workers N] [--ray ADDRESS] [--resume]
+                                                       the PEFT study grid (docs/study.md)
 """
 
 from __future__ import annotations
@@ -43,9 +45,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from monai_peft.demo import run_demo
 
     res = run_demo(
-        args.method, backbone=args.backbone, data=args.data, fraction=args.fraction, epochs=args.epochs,
-        image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, device=args.device, out_dir=args.out,
-        seed=args.seed, method_kwargs=_json_kwargs(args.method_kwargs),
+        args.method,
+        backbone=args.backbone,
+        data=args.data,
+        fraction=args.fraction,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        out_dir=args.out,
+        seed=args.seed,
+        method_kwargs=_json_kwargs(args.method_kwargs),
     )
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
@@ -79,6 +90,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from monai_peft.study import load_study, preflight, run_study
+    from monai_peft.study.grid import expand_grid, expand_tuning
+
+    study = load_study(args.config)
+    out = args.out or f"runs/study_{study.name}"
+    if args.dry_run:
+        checks = preflight(study)
+        print(f"study {study.name!r} (config hash {study.config_hash()}): data {checks.source}")
+        print(f"{len(expand_tuning(study))} learning-rate searches, {len(expand_grid(study))} runs; results in {out}")
+        for budget, sizes in checks.train_images.items():
+            print(f"  budget {budget}: training images per seed {sizes}")
+        for backbone, methods in checks.trainable.items():
+            print(f"  {backbone}: trainable parameters {methods}")
+        return 0
+    res = run_study(
+        study, out, workers=args.workers, ray_address=args.ray, resume=args.resume, progress=not args.no_progress
+    )
+    print(
+        f"study {study.name!r}: {res['tuned']} searches and {res['ran']} runs done, {res['skipped']} skipped; results in {res['out']}"
+    )
+    for kind, path in (res["report"] or {}).items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-peft", description="Parameter-efficient fine-tuning for MONAI.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -86,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fine-tune a pretrained network with a PEFT method on PneumoniaMNIST")
     demo.add_argument("--method", default="lora", help="any registered method (see `monai-peft methods`)")
-    demo.add_argument("--method-kwargs", default=None, help='JSON config fields, e.g. \'{"r": 8}\'')
+    demo.add_argument("--method-kwargs", default=None, help="JSON config fields, e.g. '{\"r\": 8}'")
     demo.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "densenet121"])
-    demo.add_argument("--data", default=None, help="path of pneumoniamnist_28.npz (default: ../shared/data, download, synthetic)")
+    demo.add_argument(
+        "--data", default=None, help="path of pneumoniamnist_28.npz (default: ../shared/data, download, synthetic)"
+    )
     demo.add_argument("--fraction", type=float, default=0.1, help="fraction of each class used for training")
     demo.add_argument("--epochs", type=int, default=3)
     demo.add_argument("--image-size", type=int, default=128)
@@ -107,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter")
     info.set_defaults(func=_cmd_info)
 
+    study = sub.add_parser("study", help="run a PEFT study grid (methods x backbones x data budgets x seeds)")
+    study.add_argument("config", help="study file (.yaml/.json) or a packaged study name, e.g. quick_pneumoniamnist")
+    study.add_argument("--out", default=None, help="results folder (default runs/study_<name>)")
+    study.add_argument("--workers", type=int, default=1, help="parallel local processes (default 1: this process)")
+    study.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells on Ray: ray.init(address=ADDRESS); 'local' starts one",
+    )
+    study.add_argument(
+        "--resume", action="store_true", help="continue a results folder of this study (finished cells are skipped)"
+    )
+    study.add_argument("--dry-run", action="store_true", help="check the study and list the grid; train nothing")
+    study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    study.set_defaults(func=_cmd_study)
+
     from monai_peft.analysis.erf_cli import add_erf_command
 
     add_erf_command(sub)
@@ -118,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
     from monai_peft.errors import MonaiPeftError

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from monai_peft.checkpoint import CONFIG_NAME, config_fields
 from monai_peft.errors import ConfigError
-
-CONFIG_NAME = "adapter_config.json"
 
 _BN_STATS_CHOICES = ("save", "freeze")
 
@@ -33,7 +32,9 @@ def _as_str_list(value: Any, name: str) -> list[str] | str | None:
             elif isinstance(item, str):
                 out.append(item)
             else:
-                raise ConfigError(f"{name} entries must be strings (module names, suffixes or 're:' regexes), got {item!r}")
+                raise ConfigError(
+                    f"{name} entries must be strings (module names, suffixes or 're:' regexes), got {item!r}"
+                )
         return sorted(out) if isinstance(value, set) else out
     raise ConfigError(f"{name} must be None, a regex string or a list of strings, got {type(value).__name__}")
 
@@ -129,9 +130,7 @@ class PeftConfig:
         valid = set(target_cls.field_names())
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ConfigError(
-                f"unknown field(s) {unknown} for {target_cls.__name__}; valid fields are {sorted(valid)}"
-            )
+            raise ConfigError(f"unknown field(s) {unknown} for {target_cls.__name__}; valid fields are {sorted(valid)}")
         return target_cls(**data)
 
     @classmethod
@@ -147,6 +146,4 @@ class PeftConfig:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the adapter folder may be corrupt") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        data.pop("base_model", None)
-        data.pop("tensors_sha256", None)
-        return cls.from_dict(data)
+        return cls.from_dict(config_fields(data))

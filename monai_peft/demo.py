@@ -13,6 +13,7 @@ file size. Data, in order of preference: ``--data PATH``; ``$MONAI_PEFT_SHARED_D
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -68,6 +69,7 @@ class DemoResult:
     test_acc: float
     seconds: float
     out_dir: str
+    first_loss: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,15 +80,19 @@ def _datasets(data: str | None, image_size: int, fraction: float, seed: int):
 
     from monai_peft.data import MedMNISTDataset, per_class_fraction_indices
 
-    train_tf = Compose([
-        Resized(keys="image", spatial_size=(image_size, image_size), mode="bilinear"),
-        RandFlipd(keys="image", prob=0.5, spatial_axis=1),
-        NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5),
-    ])
-    eval_tf = Compose([
-        Resized(keys="image", spatial_size=(image_size, image_size), mode="bilinear"),
-        NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5),
-    ])
+    train_tf = Compose(
+        [
+            Resized(keys="image", spatial_size=(image_size, image_size), mode="bilinear"),
+            RandFlipd(keys="image", prob=0.5, spatial_axis=1),
+            NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5),
+        ]
+    )
+    eval_tf = Compose(
+        [
+            Resized(keys="image", spatial_size=(image_size, image_size), mode="bilinear"),
+            NormalizeIntensityd(keys="image", subtrahend=0.5, divisor=0.5),
+        ]
+    )
     path = find_pneumoniamnist(data)
     source = f"PneumoniaMNIST (real, {path})" if path else None
     if path is None:
@@ -118,7 +124,9 @@ def _backbone(name: str) -> tuple[torch.nn.Module, str]:
     if name == "densenet121":
         from monai.networks.nets import DenseNet121
 
-        return DenseNet121(spatial_dims=2, in_channels=1, out_channels=2), "DenseNet121 (random init: no pretrained weights)"
+        return DenseNet121(
+            spatial_dims=2, in_channels=1, out_channels=2
+        ), "DenseNet121 (random init: no pretrained weights)"
     raise mp.ConfigError(f"unknown demo backbone {name!r}; choose efficientnet_lite0 or densenet121")
 
 
@@ -169,16 +177,37 @@ def run_demo(
     val_loader = DataLoader(val, batch_size=128, num_workers=num_workers)
     test_loader = DataLoader(test, batch_size=128, num_workers=num_workers)
     result = fit_classifier(
-        model, train_loader, val_loader, num_classes=2, epochs=epochs, lr=lr, device=device, out_dir=out_dir, resume=False
+        model,
+        train_loader,
+        val_loader,
+        num_classes=2,
+        epochs=epochs,
+        lr=lr,
+        device=device,
+        out_dir=out_dir,
+        resume=False,
     )
     best = mp.PeftModel.from_pretrained(_backbone(backbone)[0], result.best_adapter_dir).to(device).eval()
     test_metrics = evaluate_classifier(best, test_loader, num_classes=2, device=device)
     size = sum(f.stat().st_size for f in Path(result.best_adapter_dir).iterdir())
     res = DemoResult(
-        data_source=source, backbone=backbone_desc, method=method, train_images=len(train), trainable_parameters=trainable,
-        all_parameters=total, adapter_bytes=size, best_epoch=result.best_epoch, val_auc=result.best_metric,
-        test_auc=test_metrics["auc"], test_acc=test_metrics["acc"], seconds=time.time() - t0, out_dir=str(out_dir),
+        data_source=source,
+        backbone=backbone_desc,
+        method=method,
+        train_images=len(train),
+        trainable_parameters=trainable,
+        all_parameters=total,
+        adapter_bytes=size,
+        best_epoch=result.best_epoch,
+        val_auc=result.best_metric,
+        test_auc=test_metrics["auc"],
+        test_acc=test_metrics["acc"],
+        seconds=time.time() - t0,
+        out_dir=str(out_dir),
+        first_loss=result.first_loss,
     )
+    if res.first_loss is not None:
+        print(f"first training loss {res.first_loss:.4f} (ln 2 = {math.log(2):.4f} for a fresh 2-class head)")
     print(
         f"best epoch {res.best_epoch}: validation AUC {res.val_auc:.4f}; test AUC {res.test_auc:.4f}, "
         f"test accuracy {res.test_acc:.4f}"

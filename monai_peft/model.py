@@ -33,8 +33,8 @@ from monai_peft.checkpoint import (
     base_tensor_digests,
     combine_fingerprint,
     diagnose_base_mismatch,
+    load_adapter_folder,
     model_class_name,
-    read_adapter_folder,
     write_adapter_folder,
 )
 from monai_peft.config import PeftConfig
@@ -122,7 +122,9 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(model, PeftModel):
-            raise AdapterError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+            raise AdapterError(
+                "model is already a PeftModel; use model.add_adapter(name, config) to add another adapter"
+            )
         lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
         if lazy:
             raise ConfigError(
@@ -132,6 +134,7 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._tuners: dict[str, BaseTuner] = {}
+        self._plans: dict[str, dict[str, Any]] = {}
         self._trainable: dict[str, bool] = {}
         self._inplace = InPlaceState()
         self._active: str | None = None
@@ -164,7 +167,7 @@ class PeftModel(nn.Module):
         super().train(mode)
         cfg = self.peft_config.get(self._active) if self._active else None
         if mode and cfg is not None and cfg.batchnorm_stats == "freeze":
-            for m in self.base_model.modules():
+            for _, m in canonical_named_modules(self.base_model):  # the base's BatchNorms, not the adapters' own
                 if isinstance(m, _BatchNorm):
                     m.eval()
         return self
@@ -175,6 +178,11 @@ class PeftModel(nn.Module):
     @property
     def active_adapter(self) -> str | None:
         return self._active
+
+    def resolved_plan(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """The resolved plan of an adapter (JSON, as saved under ``"plan"`` in ``adapter_config.json``): per adapted
+        module its layer and the facts read from the network (qkv slices, token grid, prefix tokens, kernels)."""
+        return dict(self._plans.get(self._resolve_name(adapter_name), {}))
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -205,13 +213,18 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} already exists; delete it or choose another name")
         if self._merged:
-            raise AdapterError("an adapter is merged into the base weights; call unmerge_adapter() before adding another")
+            raise AdapterError(
+                "an adapter is merged into the base weights; call unmerge_adapter() before adding another"
+            )
         spec = get_method(peft_config.method)
         if not isinstance(peft_config, spec.config_cls):
             raise ConfigError(f"config class {type(peft_config).__name__} does not match method {spec.name!r}")
-        tuner = spec.tuner_cls(peft_config)
         try:
-            owned = self._owned_for(tuner, peft_config)
+            # the resolved plan: exact module names and every fact read from the network (qkv slices, token
+            # grid, prefix tokens); the adapter is built from it, so loading the saved config rebuilds the same
+            resolved, plan = spec.tuner_cls(peft_config).resolve_plan(self.base_model)
+            tuner = spec.tuner_cls(resolved)
+            owned = self._owned_for(tuner, resolved)
             tuner.inject(self.base_model, adapter_name)
             self._inplace.add(self.base_model, adapter_name, owned)
         except (MethodNotApplicableError, TargetingError) as exc:
@@ -222,7 +235,8 @@ class PeftModel(nn.Module):
         except Exception:
             self._remove_adapter_layers(adapter_name)
             raise
-        self.peft_config[adapter_name] = peft_config
+        self.peft_config[adapter_name] = resolved
+        self._plans[adapter_name] = plan
         self._tuners[adapter_name] = tuner
         self._trainable[adapter_name] = is_trainable
         for _, layer in self.adapter_layers():
@@ -268,6 +282,7 @@ class PeftModel(nn.Module):
         self._inplace.remove(self.base_model, adapter_name)
         self._remove_adapter_layers(adapter_name)
         del self.peft_config[adapter_name], self._tuners[adapter_name], self._trainable[adapter_name]
+        self._plans.pop(adapter_name, None)
         if self._active == adapter_name:
             self._active = None
             remaining = list(self.peft_config)
@@ -482,7 +497,12 @@ class PeftModel(nn.Module):
             "num_tensors": len(base_digests),
         }
         return write_adapter_folder(
-            save_directory, self.peft_config[name].to_dict(), self.adapter_state_dict(name), base_info, base_digests
+            save_directory,
+            self.peft_config[name].to_dict(),
+            self.adapter_state_dict(name),
+            base_info,
+            base_digests,
+            plan=self._plans.get(name) or None,
         )
 
     save_pretrained = save_adapter
@@ -508,10 +528,9 @@ class PeftModel(nn.Module):
         self._check_usable()
         if verify_base not in _VERIFY_CHOICES:
             raise ConfigError(f"verify_base must be one of {_VERIFY_CHOICES}, got {verify_base!r}")
-        raw, tensors, metadata = read_adapter_folder(model_id)
-        base_info = raw.pop("base_model", {}) or {}
-        raw.pop("tensors_sha256", None)
-        config = PeftConfig.from_dict(raw)
+        folder = load_adapter_folder(model_id)
+        base_info, tensors, metadata = folder.base_model, folder.tensors, folder.metadata
+        config = PeftConfig.from_dict(folder.config)
         tuner = get_method(config.method).tuner_cls(config)
         owned = self._owned_for(tuner, config)
         if verify_base != "off" and base_info.get("fingerprint"):
@@ -548,7 +567,11 @@ class PeftModel(nn.Module):
                 f"adapter file {source} does not fit the adapter built from its config: "
                 f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}"
             )
-        bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape]
+        bad = [
+            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if tensors[k].shape != v.shape
+        ]
         if bad:
             raise CheckpointError(f"adapter file {source} has tensors of the wrong shape: {bad[:5]}")
         with torch.no_grad():
@@ -574,8 +597,3 @@ class PeftModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.peft_config)}, active={self._active!r}"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The original module under adapter wrappers (alias of :func:`monai_peft.targeting.innermost`)."""
-    return innermost(model)

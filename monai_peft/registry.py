@@ -52,7 +52,9 @@ _REGISTRY: dict[str, MethodSpec] = {}
 _entry_points_loaded = False
 
 
-def register_method(name: str, config_cls: type[PeftConfig], tuner_cls: type[BaseTuner], *, overwrite: bool = False) -> None:
+def register_method(
+    name: str, config_cls: type[PeftConfig], tuner_cls: type[BaseTuner], *, overwrite: bool = False
+) -> None:
     """Register a PEFT method under ``name``.
 
     Args:
@@ -106,10 +108,51 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_config(name: str, **kwargs: Any) -> PeftConfig:
-    """Build the config of method ``name``: ``get_config("lora", r=4)`` == ``LoraConfig(r=4)``."""
+def get_config(name: str, preset: str | None = None, **kwargs: Any) -> PeftConfig:
+    """Build the config of method ``name``: ``get_config("lora", r=4)`` == ``LoraConfig(r=4)``.
+
+    Args:
+        name: a registered method (:func:`list_methods`).
+        preset: a named source configuration of that method (:func:`list_paper_presets`), e.g. ``"med-peft"`` for
+            LoRA or ``"dutt2023"``; see :mod:`monai_peft.paper_presets` and ``docs/methods/presets.md``.
+        **kwargs: config fields; they override the preset's values.
+
+    Raises:
+        ConfigError: unknown method, field or preset (the message lists the valid ones).
+
+    Example::
+
+        get_config("lora", preset="med-peft")          # LoraConfig(r=4, alpha=32, dropout=0.1, qkv_slices="qv")
+        get_config("lora", preset="med-peft", r=32)    # the same with the paper's 100 %-label rank
+    """
     cls = get_method(name).config_cls
     unknown = sorted(set(kwargs) - set(cls.field_names()))
     if unknown:
         raise ConfigError(f"unknown argument(s) {unknown} for method {name!r}; valid: {sorted(cls.field_names())}")
-    return cls(**kwargs)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        from monai_peft.paper_presets import get_paper_preset
+
+        values = dict(get_paper_preset(name, preset).values)
+        stale = sorted(set(values) - set(cls.field_names()))
+        if stale:
+            raise ConfigError(
+                f"preset {preset!r} of method {name!r} sets field(s) {stale} that {cls.__name__} does not have"
+            )
+    values.update(kwargs)
+    return cls(**values)
+
+
+def list_paper_presets(method: str | None = None) -> list[str] | dict[str, list[str]]:
+    """Names of the paper presets of ``method`` (``get_config(method, preset=...)``), or ``{method: names}``
+    for all methods when None (see :mod:`monai_peft.paper_presets`)."""
+    from monai_peft.paper_presets import list_presets as _list
+
+    if method is not None:
+        get_method(method)  # unknown method -> the registry's error
+    return _list(method)
+
+
+#: Short name inside :mod:`monai_peft.registry` (``mp.list_paper_presets`` at the top level, since network
+#: target presets have their own ``monai_peft.targeting.list_presets``).
+list_presets = list_paper_presets

@@ -41,13 +41,17 @@ def OutputSelectInferer():
     from monai.inferers import SimpleInferer
 
     class _Inferer(SimpleInferer):
-        def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        def __call__(
+            self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+        ) -> torch.Tensor:
             return _select_first(network(inputs, *args, **kwargs))
 
     return _Inferer()
 
 
-def _prepare_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any):
+def _prepare_batch(
+    batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+):
     """(image (B, C, *spatial) float, label (B,) long) from a MONAI dict batch."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking, dtype=torch.float32)
     label = torch.as_tensor(batchdata["label"]).to(device=device, non_blocking=non_blocking)
@@ -64,6 +68,9 @@ class FitResult:
     best_adapter_dir: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_run: int = 0
+    first_loss: float | None = None
+    """Training loss of the first iteration of this run (``ln(num_classes)`` for a fresh, small head);
+    None when nothing was trained (a resumed run that was already complete)."""
 
 
 def _metrics(num_classes: int) -> tuple[Any, Any]:
@@ -90,19 +97,40 @@ def evaluate_classifier(
 
     post, (key, extra) = _metrics(num_classes)
     evaluator = SupervisedEvaluator(
-        device=torch.device(device), val_data_loader=loader, network=model, inferer=OutputSelectInferer(),
-        prepare_batch=_prepare_batch, postprocessing=post, key_val_metric=key, additional_metrics=extra, amp=amp,
+        device=torch.device(device),
+        val_data_loader=loader,
+        network=model,
+        inferer=OutputSelectInferer(),
+        prepare_batch=_prepare_batch,
+        postprocessing=post,
+        key_val_metric=key,
+        additional_metrics=extra,
+        amp=amp,
     )
     evaluator.run()
     return {k.replace("val_", ""): float(v) for k, v in evaluator.state.metrics.items()}
 
 
-def _save_resume_state(out_dir: Path, model: PeftModel, optimizer: torch.optim.Optimizer, epoch: int, iteration: int, best: float, best_epoch: int) -> None:
+def _save_resume_state(
+    out_dir: Path,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    iteration: int,
+    best: float,
+    best_epoch: int,
+) -> None:
     last = out_dir / "last"
     model.save_adapter(last)
     buffer = io.BytesIO()
     torch.save(
-        {"optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration, "best_metric": best, "best_epoch": best_epoch},
+        {
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "best_metric": best,
+            "best_epoch": best_epoch,
+        },
         buffer,
     )
     atomic_write_bytes(last / "trainer_state.pt", buffer.getvalue())
@@ -171,13 +199,26 @@ def fit_classifier(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     post, (key, extra) = _metrics(num_classes)
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=val_loader, network=model, inferer=OutputSelectInferer(),
-        prepare_batch=_prepare_batch, postprocessing=post, key_val_metric=key, additional_metrics=extra, amp=amp,
+        device=device,
+        val_data_loader=val_loader,
+        network=model,
+        inferer=OutputSelectInferer(),
+        prepare_batch=_prepare_batch,
+        postprocessing=post,
+        key_val_metric=key,
+        additional_metrics=extra,
+        amp=amp,
     )
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=train_loader, network=model, optimizer=optimizer,
-        loss_function=loss_function or nn.CrossEntropyLoss(), inferer=OutputSelectInferer(),
-        prepare_batch=_prepare_batch, amp=amp,
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=train_loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=loss_function or nn.CrossEntropyLoss(),
+        inferer=OutputSelectInferer(),
+        prepare_batch=_prepare_batch,
+        amp=amp,
     )
     steps_per_epoch = max(1, len(train_loader)) if hasattr(train_loader, "__len__") else 1
     total_steps = max(1, epochs * steps_per_epoch)
@@ -203,6 +244,11 @@ def fit_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine, last_epoch=start - 1 if start else -1)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
 
+    @trainer.on(Events.ITERATION_COMPLETED(once=start + 1))
+    def _first_loss(engine: Any) -> None:
+        output = engine.state.output
+        result.first_loss = float((output[0] if isinstance(output, list) else output)["loss"])
+
     @trainer.on(Events.EPOCH_COMPLETED)
     def _validate(engine: Any) -> None:
         evaluator.run(engine.state.epoch)
@@ -215,16 +261,24 @@ def fit_classifier(
             result.best_metric, result.best_epoch = metrics["val_auc"], engine.state.epoch
             model.save_adapter(out / "best")
             result.best_adapter_dir = out / "best"
-        _save_resume_state(out, model, optimizer, engine.state.epoch, engine.state.iteration, result.best_metric, result.best_epoch)
+        _save_resume_state(
+            out, model, optimizer, engine.state.epoch, engine.state.iteration, result.best_metric, result.best_epoch
+        )
         logger.info("epoch %d: %s", engine.state.epoch, metrics)
 
     if progress:
         from ignite.contrib.handlers import ProgressBar
 
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": (o[0] if isinstance(o, list) else o)["loss"]})
+        ProgressBar(persist=False).attach(
+            trainer, output_transform=lambda o: {"loss": (o[0] if isinstance(o, list) else o)["loss"]}
+        )
     if tensorboard:
-        TensorBoardStatsHandler(log_dir=str(out / "tb"), output_transform=lambda o: (o[0] if isinstance(o, list) else o)["loss"]).attach(trainer)
-        TensorBoardStatsHandler(log_dir=str(out / "tb"), iteration_log=False, global_epoch_transform=lambda _: trainer.state.epoch).attach(evaluator)
+        TensorBoardStatsHandler(
+            log_dir=str(out / "tb"), output_transform=lambda o: (o[0] if isinstance(o, list) else o)["loss"]
+        ).attach(trainer)
+        TensorBoardStatsHandler(
+            log_dir=str(out / "tb"), iteration_log=False, global_epoch_transform=lambda _: trainer.state.epoch
+        ).attach(evaluator)
     if trainer.state.epoch < epochs:
         trainer.run()
     result.epochs_run = trainer.state.epoch

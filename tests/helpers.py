@@ -7,10 +7,19 @@ from monai.networks import nets
 from torch import nn
 
 
-def tiny_vit(spatial_dims: int = 2, img: int = 32, patch: int = 8, layers: int = 2, classes: int = 3) -> nets.ViT:
-    return nets.ViT(
+def tiny_vit(
+    spatial_dims: int = 2,
+    img: int | tuple[int, ...] = 32,
+    patch: int = 8,
+    layers: int = 2,
+    classes: int = 3,
+    **overrides,
+) -> nets.ViT:
+    """A tiny MONAI ViT (hidden 48, 4 heads); ``img`` an int (square / cube) or a per-axis size; ``overrides``
+    replace any ViT argument (e.g. ``qkv_bias=False``, ``classification=False``)."""
+    args = dict(
         in_channels=1,
-        img_size=(img,) * spatial_dims,
+        img_size=(img,) * spatial_dims if isinstance(img, int) else tuple(img),
         patch_size=patch,
         spatial_dims=spatial_dims,
         hidden_size=48,
@@ -22,6 +31,26 @@ def tiny_vit(spatial_dims: int = 2, img: int = 32, patch: int = 8, layers: int =
         qkv_bias=True,
         post_activation=None,
     )
+    return nets.ViT(**{**args, **overrides})
+
+
+#: Non-square (2D) and anisotropic (3D) ViT inputs: 32x16 px -> 4x2 patches, 16x16x8 -> 2x2x1 (patch 8).
+ANISO_VIT_IMAGE = {2: (32, 16), 3: (16, 16, 8)}
+#: Non-square / anisotropic CNN inputs.
+ANISO_CNN_IMAGE = {2: (40, 24), 3: (16, 20, 12)}
+
+
+def aniso_vit(spatial_dims: int, **overrides) -> nets.ViT:
+    """:func:`tiny_vit` on the :data:`ANISO_VIT_IMAGE` grid, in eval mode."""
+    return tiny_vit(spatial_dims, img=ANISO_VIT_IMAGE[spatial_dims], **overrides).eval()
+
+
+def aniso_vit_image(spatial_dims: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, *ANISO_VIT_IMAGE[spatial_dims])
+
+
+def aniso_cnn_image(spatial_dims: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, *ANISO_CNN_IMAGE[spatial_dims])
 
 
 def tiny_resnet(spatial_dims: int = 2, classes: int = 3) -> nets.ResNet:
@@ -37,31 +66,56 @@ def tiny_resnet(spatial_dims: int = 2, classes: int = 3) -> nets.ResNet:
 
 def tiny_densenet(spatial_dims: int = 2, classes: int = 3) -> nets.DenseNet:
     return nets.DenseNet(
-        spatial_dims=spatial_dims, in_channels=1, out_channels=classes, init_features=8, growth_rate=4, block_config=(1, 1)
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=classes,
+        init_features=8,
+        growth_rate=4,
+        block_config=(1, 1),
     )
 
 
 def tiny_unetr(spatial_dims: int = 3, img: int = 32) -> nets.UNETR:
     return nets.UNETR(
-        in_channels=1, out_channels=2, img_size=(img,) * spatial_dims, feature_size=4, hidden_size=48, mlp_dim=96,
-        num_heads=4, spatial_dims=spatial_dims, qkv_bias=True,
+        in_channels=1,
+        out_channels=2,
+        img_size=(img,) * spatial_dims,
+        feature_size=4,
+        hidden_size=48,
+        mlp_dim=96,
+        num_heads=4,
+        spatial_dims=spatial_dims,
+        qkv_bias=True,
     )
 
 
 def tiny_swinunetr(spatial_dims: int = 3) -> nets.SwinUNETR:
-    return nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=spatial_dims, depths=(1, 1, 1, 1))
+    return nets.SwinUNETR(
+        in_channels=1, out_channels=2, feature_size=12, spatial_dims=spatial_dims, depths=(1, 1, 1, 1)
+    )
 
 
 def tiny_mae(spatial_dims: int = 2, img: int = 32) -> nets.MaskedAutoEncoderViT:
     return nets.MaskedAutoEncoderViT(
-        in_channels=1, img_size=(img,) * spatial_dims, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=2,
-        num_heads=4, decoder_hidden_size=24, decoder_mlp_dim=48, decoder_num_layers=1, decoder_num_heads=4,
+        in_channels=1,
+        img_size=(img,) * spatial_dims,
+        patch_size=8,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=2,
+        num_heads=4,
+        decoder_hidden_size=24,
+        decoder_mlp_dim=48,
+        decoder_num_layers=1,
+        decoder_num_heads=4,
         spatial_dims=spatial_dims,
     )
 
 
 def tiny_segresnet(spatial_dims: int = 3) -> nets.SegResNet:
-    return nets.SegResNet(spatial_dims=spatial_dims, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,))
+    return nets.SegResNet(
+        spatial_dims=spatial_dims, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)
+    )
 
 
 def tiny_basicunet(spatial_dims: int = 2) -> nets.BasicUNet:

@@ -87,11 +87,13 @@ CASES = [
     Case("vpt", {"prompt_length": 2, "deep": False}, V3, S3, zero_init=False),
     Case("vp", {"prompt_length": 2, "prompt_init": "zeros"}, V2, S2),
     Case("vp", {"prompt_length": 2, "prompt_init": "zeros"}, V3, S3),
-    Case("vp", {"mode": "pixel", "pad_size": 4, "prompt_init": "zeros"}, V2, S2),
+    # MONAI's ViT stores its patch count, not its grid: the pixel prompt's image size and DKA's grid are given
+    Case("vp", {"mode": "pixel", "pad_size": 4, "prompt_init": "zeros", "image_size": [32, 32]}, V2, S2),
     Case("ept", {"prompt_length": 4}, V2, S2, zero_init=False),
     Case("ept", {"prompt_length": 4}, V3, S3, zero_init=False),
-    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, V2, S2),
-    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, V3, S3),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7, "grid": [4, 4]}, V2, S2),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7, "input_shape": [1, 32, 32, 32]}, V3, S3),
+    Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7, "batch_norm": True}, R2, S2),
     Case("dka", {"zero_init": True, "bottleneck": 4, "large_kernel": 7}, R2, S2),
 ]
 

@@ -13,8 +13,26 @@ import monai_peft as mp
 from monai_peft.methods.base import AdapterLayer, WrappingTuner
 
 EXPECTED = {
-    "adapter", "adaptformer", "attention_tuning", "bitfit", "full_finetune", "linear_probe", "lora", "norm_tuning",
-    "partial", "ssf", "convpass", "conv_adapter", "tsa", "fact", "vpt", "vp", "ept", "svdiff", "difffit", "dka",
+    "adapter",
+    "adaptformer",
+    "attention_tuning",
+    "bitfit",
+    "full_finetune",
+    "linear_probe",
+    "lora",
+    "norm_tuning",
+    "partial",
+    "ssf",
+    "convpass",
+    "conv_adapter",
+    "tsa",
+    "fact",
+    "vpt",
+    "vp",
+    "ept",
+    "svdiff",
+    "difffit",
+    "dka",
     "diffusion_bias_norm_attention",
 }
 
@@ -142,7 +160,70 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
             return plugin
 
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [FakeEP()] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(
+        registry.metadata, "entry_points", lambda group: [FakeEP()] if group == registry.ENTRY_POINT_GROUP else []
+    )
     assert "test_plugin_scale" in mp.list_methods()
     assert calls == [1]
     del types
+
+
+# ---------------------------------------------------------------------------------------------------------
+# paper presets: get_config(name, preset=...), list_presets
+# ---------------------------------------------------------------------------------------------------------
+def test_get_config_with_a_preset_and_overrides() -> None:
+    from monai_peft.registry import list_presets
+
+    cfg = mp.get_config("lora", preset="med-peft")
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.qkv_slices) == (4, 32.0, 0.1, "qv")
+    assert cfg.scaling == 8.0  # MED-PEFT: 32 / r
+    again = mp.get_config("lora", preset="med-peft", r=32, dropout=0.0)
+    assert (again.r, again.alpha, again.dropout, again.qkv_slices) == (32, 32.0, 0.0, "qv")
+    assert mp.get_config("lora") == mp.LoraConfig()  # no preset: the class defaults
+    assert "med-peft" in list_presets("lora") and list_presets("lora") == sorted(list_presets("lora"))
+    assert list_presets("ssf") == ["dutt2023"] and list_presets("vpt") == []
+    everything = list_presets()
+    assert everything["dka"] == ["dka-convnext", "dka-swin", "dka-vit"]
+    ssf = mp.get_config("ssf", preset="dutt2023")
+    assert ssf.skip_before_norm and mp.get_config("adaptformer", preset="dutt2023").input == "normed"
+    dka = mp.get_config("dka", preset="dka-convnext")
+    assert (dka.large_kernel, dka.small_kernel, dka.batch_norm) == (11, 5, True)
+    swin = mp.get_config("dka", preset="dka-swin")
+    assert (swin.large_kernel, swin.small_kernel, swin.batch_norm) == (31, 5, False)
+    # a preset config round-trips like any other (the preset is resolved into the fields)
+    assert mp.PeftConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
+
+
+def test_preset_errors_list_the_valid_ones(monkeypatch) -> None:
+    import monai_peft.paper_presets as presets
+    from monai_peft.paper_presets import PaperPreset, register_paper_preset
+    from monai_peft.registry import list_presets
+
+    monkeypatch.setattr(presets, "_PRESETS", dict(presets._PRESETS))  # the test presets below do not leak
+
+    with pytest.raises(
+        mp.ConfigError,
+        match=r"unknown preset 'nope' for method 'lora'; valid presets for 'lora': \['dutt2023', 'med-peft'",
+    ):
+        mp.get_config("lora", preset="nope")
+    with pytest.raises(mp.ConfigError, match="method 'vpt' has no presets"):
+        mp.get_config("vpt", preset="dutt2023")
+    with pytest.raises(mp.ConfigError, match="unknown argument"):
+        mp.get_config("lora", preset="med-peft", rank=4)
+    with pytest.raises(mp.ConfigError, match="unknown PEFT method"):
+        list_presets("nope")
+    register_paper_preset(PaperPreset("lora", "test-stale", {"rank": 2}, "a test"), overwrite=True)
+    with pytest.raises(mp.ConfigError, match=r"sets field\(s\) \['rank'\] that LoraConfig does not have"):
+        mp.get_config("lora", preset="test-stale")
+    with pytest.raises(mp.ConfigError, match="exists; pass overwrite=True"):
+        register_paper_preset(PaperPreset("lora", "test-stale", {"r": 2}, "a test"))
+    with pytest.raises(mp.ConfigError, match="paper counts must be given for"):
+        register_paper_preset(PaperPreset("lora", "test-bad", {}, "a test", {"vit_l16": None}))  # type: ignore[dict-item]
+
+
+def test_new_config_fields_validate() -> None:
+    with pytest.raises(mp.ConfigError, match="input must be one of"):
+        mp.AdaptFormerConfig(input="x")
+    assert mp.AdapterConfig().tune_layernorm is False
+    assert mp.SSFConfig().skip_before_norm is False
+    assert mp.AdaptFormerConfig().input == "block"

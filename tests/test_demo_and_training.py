@@ -45,7 +45,9 @@ def test_fit_resumes_from_last_checkpoint(tmp_path):
     train, val = _loaders()
     net = tiny_vit(2, img=28, patch=7, classes=2)
     model = mp.get_peft_model(net, mp.LoraConfig(r=2), modules_to_save=["classification_head"])
-    first = fit_classifier(model, train, val, num_classes=2, epochs=1, out_dir=tmp_path, progress=False, tensorboard=False)
+    first = fit_classifier(
+        model, train, val, num_classes=2, epochs=1, out_dir=tmp_path, progress=False, tensorboard=False
+    )
     assert first.epochs_run == 1 and len(first.history) == 1
     assert (tmp_path / "last" / "trainer_state.pt").is_file() and (tmp_path / "best" / "adapter_config.json").is_file()
     saved = {k: v.clone() for k, v in model.adapter_state_dict().items()}
@@ -53,7 +55,9 @@ def test_fit_resumes_from_last_checkpoint(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    second = fit_classifier(model, train, val, num_classes=2, epochs=2, out_dir=tmp_path, progress=False, tensorboard=False)
+    second = fit_classifier(
+        model, train, val, num_classes=2, epochs=2, out_dir=tmp_path, progress=False, tensorboard=False
+    )
     assert second.epochs_run == 2 and [h["epoch"] for h in second.history] == [2]
     assert not all(torch.equal(saved[k], v) for k, v in model.adapter_state_dict().items())  # trained on
     metrics = evaluate_classifier(model, val, num_classes=2)

@@ -363,11 +363,21 @@ def test_non_mergeable_method_refuses_merge_with_reason():
     assert not any(isinstance(m, AdapterLayer) for m in base.modules())
 
 
+def tiny_unetr_for_attr():
+    from tests.helpers import tiny_unetr
+
+    return tiny_unetr(2)
+
+
 def test_attribute_access_falls_back_to_base_model():
     net = tiny_vit(2)
     model = mp.get_peft_model(net, mp.LoraConfig(r=2))
     assert model.classification_head is net.classification_head
-    assert model.hidden_size == net.hidden_size if hasattr(net, "hidden_size") else True
+    unetr = h_unetr = tiny_unetr_for_attr()
+    wrapped = mp.get_peft_model(h_unetr, mp.LoraConfig(r=2))
+    assert wrapped.hidden_size == unetr.hidden_size == 48  # a plain attribute of the base network
+    with pytest.raises(AttributeError):
+        _ = wrapped.no_such_attribute
 
 
 def test_print_trainable_parameters(capsys):

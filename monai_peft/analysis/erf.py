@@ -87,7 +87,11 @@ def area_ratio(contributions: np.ndarray | torch.Tensor, t: float) -> float:
     """
     if not 0.0 < float(t) <= 1.0:
         raise ConfigError(f"threshold t must be in (0, 1], got {t}")
-    arr = contributions.detach().cpu().double().numpy() if isinstance(contributions, torch.Tensor) else np.asarray(contributions, dtype=np.float64)
+    arr = (
+        contributions.detach().cpu().double().numpy()
+        if isinstance(contributions, torch.Tensor)
+        else np.asarray(contributions, dtype=np.float64)
+    )
     flat = arr.reshape(-1)
     if flat.size == 0 or not np.all(np.isfinite(flat)) or (flat < 0).any():
         raise InputDataError("contributions must be a non-empty map of finite, non-negative values")
@@ -102,7 +106,9 @@ def area_ratio(contributions: np.ndarray | torch.Tensor, t: float) -> float:
     return min(k, flat.size) / flat.size
 
 
-def area_ratios(contributions: np.ndarray | torch.Tensor, thresholds: Sequence[float] = THRESHOLDS) -> dict[float, float]:
+def area_ratios(
+    contributions: np.ndarray | torch.Tensor, thresholds: Sequence[float] = THRESHOLDS
+) -> dict[float, float]:
     """``{t: area_ratio(contributions, t)}`` for every threshold."""
     return {float(t): area_ratio(contributions, t) for t in thresholds}
 
@@ -176,8 +182,12 @@ class ERFResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (without the map)."""
         return {
-            "layer": self.layer, "layout": self.layout, "input_shape": list(self.input_shape),
-            "output_grid": list(self.output_grid), "centre": list(self.centre), "num_images": self.num_images,
+            "layer": self.layer,
+            "layout": self.layout,
+            "input_shape": list(self.input_shape),
+            "output_grid": list(self.output_grid),
+            "centre": list(self.centre),
+            "num_images": self.num_images,
             "area_ratios": {f"{t:g}": r for t, r in self.area_ratios.items()},
         }
 
@@ -293,14 +303,18 @@ def compute_erf(
                 batch = batch[: max_images - seen]
             x = batch.to(device=device, dtype=dtype).detach().requires_grad_(True)
             if x.dim() < 4:
-                raise InputDataError(f"ERF needs image batches (B, C, *spatial) with 2 or 3 spatial axes, got {tuple(x.shape)}")
+                raise InputDataError(
+                    f"ERF needs image batches (B, C, *spatial) with 2 or 3 spatial axes, got {tuple(x.shape)}"
+                )
             captured.clear()
             with torch.enable_grad():
                 with contextlib.suppress(_Captured):
                     model(x)
                 y = captured.get("y")
                 if not isinstance(y, torch.Tensor):
-                    raise InputDataError(f"ERF: layer {name or '<output>'!r} did not produce a tensor in the forward pass")
+                    raise InputDataError(
+                        f"ERF: layer {name or '<output>'!r} did not produce a tensor in the forward pass"
+                    )
                 if used_layout == "auto":
                     used_layout = _auto_layout(y, x, base, name, hooked)
                 spatial_dims = x.dim() - 2
@@ -308,6 +322,8 @@ def compute_erf(
                 if used_layout == "tokens" and (p is None or g is None):
                     geo = network_token_geometry(base, name) if name else None
                     g = g if g is not None else (geo.grid if geo is not None else None)
+                    if g is None and geo is not None:
+                        g = geo.grid_for(x.shape[2:])
                     p = p if p is not None else (geo.num_prefix_tokens if geo is not None else None)
                 fmap = output_to_map(y, spatial_dims, layout=used_layout, grid=g, num_prefix_tokens=p)
                 unit = centre_unit(fmap).sum()
@@ -385,7 +401,10 @@ def save_erf_figure(
     views = [(_views(r.contributions if isinstance(r, ERFResult) else np.asarray(r))) for _, r in items]
     cols = len(views[0])
     fig, axes = plt.subplots(
-        cols, len(items), figsize=(panel_size * len(items) + 1.0, panel_size * cols + 1.2), squeeze=False,
+        cols,
+        len(items),
+        figsize=(panel_size * len(items) + 1.0, panel_size * cols + 1.2),
+        squeeze=False,
         layout="constrained",
     )
     im = None
@@ -412,7 +431,9 @@ def save_erf_figure(
     return path
 
 
-def save_erf_heatmap(result: ERFResult | np.ndarray, path: str | os.PathLike, *, title: str = "", decades: float = 4.0) -> Path:
+def save_erf_heatmap(
+    result: ERFResult | np.ndarray, path: str | os.PathLike, *, title: str = "", decades: float = 4.0
+) -> Path:
     """Save the log-scaled heat map of one ERF (3D: the three central slices) as a PNG."""
     return save_erf_figure({title: result}, path, decades=decades)
 
@@ -527,8 +548,13 @@ def run_erf_command(args: argparse.Namespace) -> dict[str, Any]:
     if data is None:
         raise InputDataError("no images: pass --data (a MedMNIST .npz or a folder); PneumoniaMNIST was not found")
     images = load_images(
-        data, split=args.split, num_images=args.num_images, image_size=args.image_size, in_channels=args.in_channels,
-        mean=args.mean, std=args.std,
+        data,
+        split=args.split,
+        num_images=args.num_images,
+        image_size=args.image_size,
+        in_channels=args.in_channels,
+        mean=args.mean,
+        std=args.std,
     )
     res = compute_erf(model, images, layer, batch_size=args.batch_size, device=args.device)
     label = f"{args.backbone}" + (f" + {Path(args.adapter).name}" if args.adapter else "")

@@ -33,9 +33,11 @@ def add_erf_command(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "prints the fraction of the input holding 20/30/50/99 %% of the contribution and saves a log heat map."
         ),
     )
-    p.add_argument("--backbone", default="efficientnet_lite0", help="a registered backbone (monai_peft.networks.factory)")
+    p.add_argument(
+        "--backbone", default="efficientnet_lite0", help="a registered backbone (monai_peft.networks.factory)"
+    )
     p.add_argument("--source", default=None, help="weights of backbones that need them (path, URL, hf://)")
-    p.add_argument("--backbone-kwargs", default=None, help='JSON loader arguments, e.g. \'{"num_classes": 2}\'')
+    p.add_argument("--backbone-kwargs", default=None, help="JSON loader arguments, e.g. '{\"num_classes\": 2}'")
     p.add_argument("--adapter", default=None, help="adapter folder saved with save_adapter (optional)")
     p.add_argument("--layer", default=None, help="module name of the feature layer (default: last preset block)")
     p.add_argument("--data", default=None, help="MedMNIST .npz or a folder of images (default: PneumoniaMNIST)")

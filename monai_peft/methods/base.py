@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from monai_peft.errors import AdapterError, MethodNotApplicableError, TargetingError
 from monai_peft.targeting import (
     TargetSpec,
+    exact_patterns,
     find_targets,
     get_preset,
     get_submodule,
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from monai_peft.config import PeftConfig
     from monai_peft.targeting import NetworkPreset
 
-__all__ = ["AdapterLayer", "BaseTuner", "WrappingTuner"]
+__all__ = ["AdapterLayer", "BaseTuner", "PlanItem", "WrappingTuner"]
 
 
 class AdapterLayer(nn.Module):
@@ -64,7 +66,7 @@ class AdapterLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "adapters") or "base_layer" not in self._modules:
+            if name in ("base_layer", "adapters") or name.startswith("__") or "base_layer" not in self._modules:
                 raise
             return getattr(self._modules["base_layer"], name)
 
@@ -187,6 +189,17 @@ class BaseTuner:
         """Canonical names of the modules this method adapts."""
         return find_targets(model, self.target_spec(model, *default_roles))
 
+    def resolve_plan(self, model: nn.Module) -> tuple[PeftConfig, dict[str, Any]]:
+        """``(resolved config, plan description)`` for ``model``, without modifying either.
+
+        The resolved config names exactly the modules the method adapts and carries every fact the method
+        read from the network (qkv slices, token grid, prefix tokens ...), so that building the adapter
+        again from it (e.g. when loading a saved adapter) gives the same modules and shapes, whatever the
+        presets say by then. The description is JSON, saved in ``adapter_config.json`` under ``"plan"``.
+        Default (methods that tune base tensors in place): the config as given and no description.
+        """
+        return self.config, {}
+
 
 def _merge_excludes(a: list[str] | str | None, b: list[str] | str | None) -> list[str]:
     def as_list(x: list[str] | str | None) -> list[str]:
@@ -197,11 +210,31 @@ def _merge_excludes(a: list[str] | str | None, b: list[str] | str | None) -> lis
     return as_list(a) + as_list(b)
 
 
+@dataclass(frozen=True)
+class PlanItem:
+    """One module a :class:`WrappingTuner` wraps, with everything needed to build its adapter.
+
+    Attributes:
+        name: canonical name of the target.
+        module: the original (innermost) module at ``name``.
+        layer_cls: the :class:`AdapterLayer` class that wraps it.
+        context: method-specific facts found while planning (e.g. LoRA's qkv rows, DKA's channels and token
+            geometry); tuners keep no state between calls, so everything travels here.
+    """
+
+    name: str
+    module: nn.Module
+    layer_cls: type[AdapterLayer]
+    context: Any = None
+
+
 class WrappingTuner(BaseTuner):
     """A tuner that wraps each target module in an :class:`AdapterLayer`.
 
     Subclasses define :attr:`default_roles`, :meth:`layer_class` (which wrapper fits a module, or
-    None if the method cannot adapt it) and :meth:`build_adapter` (the per-adapter module).
+    None if the method cannot adapt it) and :meth:`build_adapter` (the per-adapter module). Tuners
+    that need more than the module to build an adapter return it from :meth:`item_context` and
+    override :meth:`build`; whole-plan work (probes, shared objects) goes in :meth:`prepare`.
     """
 
     default_roles: ClassVar[tuple[str, ...]] = ()
@@ -210,24 +243,37 @@ class WrappingTuner(BaseTuner):
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:  # pragma: no cover
         raise NotImplementedError
 
-    def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:  # pragma: no cover
+    def build_adapter(
+        self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]
+    ) -> nn.Module:  # pragma: no cover
         raise NotImplementedError
+
+    def item_context(self, model: nn.Module, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> Any:
+        """Facts about one accepted target that :meth:`build` needs (default: none)."""
+        return None
+
+    def plan_item(self, model: nn.Module, name: str, module: nn.Module) -> PlanItem | str:
+        """The :class:`PlanItem` of one candidate, or the reason (a string) it cannot be adapted."""
+        layer_cls = self.layer_class(name, module)
+        if layer_cls is None:
+            return ""
+        return PlanItem(name, module, layer_cls, self.item_context(model, name, module, layer_cls))
 
     def check_targets(self, model: nn.Module, names: list[str]) -> None:
         """Hook for whole-selection checks (e.g. fused-qkv slices need a fused qkv target)."""
 
-    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
-        """(canonical name, original module, layer class) of every module to wrap; raises if none."""
+    def plan(self, model: nn.Module) -> list[PlanItem]:
+        """A :class:`PlanItem` for every module to wrap; raises if none. Does not modify ``model``."""
         names = self.resolve(model, *self.default_roles)
-        plan: list[tuple[str, nn.Module, type[AdapterLayer]]] = []
+        plan: list[PlanItem] = []
         rejected: list[str] = []
         for name in names:
             module = innermost(get_submodule(model, name))
-            layer_cls = self.layer_class(name, module)
-            if layer_cls is None:
-                rejected.append(f"{name} ({type(module).__name__})")
+            item = self.plan_item(model, name, module)
+            if isinstance(item, str):
+                rejected.append(f"{name} ({type(module).__name__}{': ' + item if item else ''})")
             else:
-                plan.append((name, module, layer_cls))
+                plan.append(item)
         if rejected and (self.config.target_modules is not None or self.config.target_types):
             explicit = self.config.target_modules is not None and not isinstance(self.config.target_modules, str)
             if explicit or not plan:
@@ -240,20 +286,48 @@ class WrappingTuner(BaseTuner):
                 f"{self.method} found nothing it can adapt in {type(innermost(model)).__name__} "
                 f"(it applies to {self.applies_to}); candidates were {rejected[:8]}"
             )
-        self.check_targets(model, [n for n, _, _ in plan])
+        self.check_targets(model, [item.name for item in plan])
         return plan
 
     def check_applicable(self, model: nn.Module) -> None:
         self.plan(model)
 
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> Any:
+        """Whole-plan work done once per injection, before the adapters are built (default: none)."""
+        return None
+
+    def build(self, item: PlanItem, shared: Any) -> nn.Module:
+        """The adapter module of one plan item (default: :meth:`build_adapter`)."""
+        return self.build_adapter(item.name, item.module, item.layer_cls)
+
     def inject(self, model: nn.Module, adapter_name: str) -> None:
-        for name, module, layer_cls in self.plan(model):
-            adapter = self.build_adapter(name, module, layer_cls)
-            current = get_submodule(model, name)
-            if isinstance(current, layer_cls):
+        plan = self.plan(model)
+        shared = self.prepare(model, plan, adapter_name)
+        for item in plan:
+            adapter = self.build(item, shared)
+            current = get_submodule(model, item.name)
+            if isinstance(current, item.layer_cls):
                 layer = current
             else:
-                layer = layer_cls(current)
-                set_submodule(model, name, layer)
+                layer = item.layer_cls(current)
+                set_submodule(model, item.name, layer)
             layer.add_adapter(adapter_name, adapter)
 
+    # -- the resolved plan ------------------------------------------------------------------------
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        """Config fields (besides the targets) that the plan resolved from the network (default: none)."""
+        return {}
+
+    def item_info(self, item: PlanItem) -> dict[str, Any]:
+        """JSON-friendly description of one plan item for the saved plan."""
+        info = getattr(item.context, "to_dict", None)
+        return {"layer": item.layer_cls.__name__, **(info() if callable(info) else {})}
+
+    def resolve_plan(self, model: nn.Module) -> tuple[PeftConfig, dict[str, Any]]:
+        """Targets become the exact module names; see :meth:`BaseTuner.resolve_plan`."""
+        plan = self.plan(model)
+        names = exact_patterns(model, [item.name for item in plan])  # registration order, exact matches
+        config = self.config.replace(
+            target_modules=names, target_types=None, exclude_modules=None, **self.resolved_fields(model, plan)
+        )
+        return config, {"modules": {item.name: self.item_info(item) for item in plan}}

@@ -64,8 +64,13 @@ from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import AdapterError, InputDataError, MethodNotApplicableError
-from monai_peft.methods.adapters import make_activation
-from monai_peft.methods.base import AdapterLayer, WrappingTuner
+from monai_peft.methods.base import AdapterLayer, PlanItem, WrappingTuner
+from monai_peft.methods.common import CONV as _CONV
+from monai_peft.methods.common import CONV_BY_DIMS as _CONV_BY_DIM
+from monai_peft.methods.common import CONV_FN as _CONV_FN
+from monai_peft.methods.common import CONVT as _CONVT
+from monai_peft.methods.common import CONVT_FN as _CONVT_FN
+from monai_peft.methods.common import make_activation
 from monai_peft.methods.layout import feature_layout
 from monai_peft.registry import register_method
 from monai_peft.targeting import find_targets, get_submodule, innermost
@@ -84,11 +89,6 @@ __all__ = [
     "tsa_merge_blocker",
 ]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_BY_DIM = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONVT_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _SHORTCUT_NAMES = ("downsample", "shortcut")
 PLACEMENTS = ("conv_parallel", "conv_sequential", "residual_parallel", "residual_sequential")
 
@@ -153,12 +153,17 @@ class ConvAdapterConfig(PeftConfig):
             isinstance(self.kernel_size, int) and self.kernel_size > 0 and self.kernel_size % 2 == 1,
             f"kernel_size must be a positive odd int, got {self.kernel_size!r}",
         )
-        self._require(self.placement in PLACEMENTS, f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
+        self._require(
+            self.placement in PLACEMENTS, f"placement must be one of {list(PLACEMENTS)}, got {self.placement!r}"
+        )
         self._require(
             self.activation in ("relu", "gelu", "silu", "tanh", "quick_gelu"),
             f"activation must be relu, gelu, silu, tanh or quick_gelu, got {self.activation!r}",
         )
-        self._require(self.pointwise_init in ("default", "zeros"), f"pointwise_init must be 'default' or 'zeros', got {self.pointwise_init!r}")
+        self._require(
+            self.pointwise_init in ("default", "zeros"),
+            f"pointwise_init must be 'default' or 'zeros', got {self.pointwise_init!r}",
+        )
 
 
 class ConvAdapterModule(nn.Module):
@@ -271,16 +276,12 @@ class ConvAdapterTuner(WrappingTuner):
     """Conv-Adapter on CNN blocks (default: every block of the network preset)."""
 
     config_cls = ConvAdapterConfig
-    default_roles = ("blocks",)
+    default_roles = ("block",)
     applies_to = (
         "convolutional blocks and nn.Conv1d/2d/3d layers (a block must contain a k x k convolution); "
         "not transformer blocks, which hold no convolution"
     )
     config: ConvAdapterConfig
-
-    def __init__(self, config: ConvAdapterConfig) -> None:
-        super().__init__(config)
-        self._root: nn.Module | None = None
 
     @property
     def conv_level(self) -> bool:
@@ -318,20 +319,29 @@ class ConvAdapterTuner(WrappingTuner):
             if isinstance(reason, str):
                 bad.append(f"{name}: {reason}")
         if bad:
-            raise MethodNotApplicableError(f"conv_adapter (conv_parallel) cannot run beside {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+            raise MethodNotApplicableError(
+                f"conv_adapter (conv_parallel) cannot run beside {bad[0]}"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            )
 
     def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
         cfg = self.config
         kw: dict[str, Any] = dict(
-            reduction=cfg.reduction, kernel_size=cfg.kernel_size, activation=cfg.activation, alpha_init=cfg.alpha_init,
-            pointwise_init=cfg.pointwise_init, bias=cfg.bias,
+            reduction=cfg.reduction,
+            kernel_size=cfg.kernel_size,
+            activation=cfg.activation,
+            alpha_init=cfg.alpha_init,
+            pointwise_init=cfg.pointwise_init,
+            bias=cfg.bias,
         )
         if isinstance(module, _CONV):
             dims = _dims(module)
             if cfg.placement.endswith("parallel"):
                 pad = _parallel_padding(module, cfg.kernel_size)
                 assert not isinstance(pad, str)
-                return ConvAdapterModule(module.in_channels, module.out_channels, dims, stride=module.stride, padding=pad, **kw)
+                return ConvAdapterModule(
+                    module.in_channels, module.out_channels, dims, stride=module.stride, padding=pad, **kw
+                )
             return ConvAdapterModule(module.out_channels, module.out_channels, dims, **kw)
         # a block (residual placements)
         layout = feature_layout(module)
@@ -341,7 +351,11 @@ class ConvAdapterTuner(WrappingTuner):
             return ConvAdapterModule(layout.out_channels, layout.out_channels, dims, **kw)
         stride = getattr(module, "stride", None)
         if not isinstance(stride, (int, tuple)):
-            strided = [innermost(m) for m in module.modules() if isinstance(innermost(m), _CONV) and max(innermost(m).stride) > 1]
+            strided = [
+                innermost(m)
+                for m in module.modules()
+                if isinstance(innermost(m), _CONV) and max(innermost(m).stride) > 1
+            ]
             stride = strided[0].stride if strided else 1
         return ConvAdapterModule(layout.in_channels, layout.out_channels, dims, stride=stride, **kw)
 
@@ -483,27 +497,23 @@ class TSATuner(WrappingTuner):
     """TSA 1x1 adapters beside every targeted convolution."""
 
     config_cls = TSAConfig
-    default_roles = ("convs",)
+    default_roles = ("conv",)
     applies_to = "nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d layers of a CNN"
     config: TSAConfig
-
-    def __init__(self, config: TSAConfig) -> None:
-        super().__init__(config)
-        self._blockers: list[str] = []
 
     def resolve(self, model: nn.Module, *default_roles: str) -> list[str]:
         cfg = self.config
         if cfg.target_modules is not None or cfg.target_types:
             return super().resolve(model, *default_roles)
         preset = self.preset(model)
-        if preset is not None and preset.role("convs") is None:
+        if preset is not None and preset.role("conv") is None:
             raise MethodNotApplicableError(
                 f"tsa adds 1x1 adapters beside the convolutions of a CNN, and {type(innermost(model)).__name__} "
                 f"(preset {preset.name}) has no convolutional backbone (a ViT's only convolution is its patch "
                 "embedding; target it explicitly with target_modules if that is what you want)"
             )
         names = super().resolve(model, *default_roles)
-        blocks_role = preset.role("blocks") if preset is not None else None
+        blocks_role = preset.role("block") if preset is not None else None
         if cfg.blocks_only and blocks_role is not None:
             blocks = find_targets(model, blocks_role)
             names = [n for n in names if any(n.startswith(b + ".") for b in blocks)]
@@ -514,15 +524,12 @@ class TSATuner(WrappingTuner):
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
         return TSAConv if isinstance(module, _CONV + _CONVT) else None
 
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
-        self._blockers = []
-        super().inject(model, adapter_name)
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> list[str]:
+        """The convolutions of this adapter whose fold would not be exact (shared by all its layers)."""
+        return [f"{i.name} ({reason})" for i in plan if (reason := tsa_merge_blocker(i.module)) is not None]
 
-    def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
-        reason = tsa_merge_blocker(module)
-        if reason is not None:
-            self._blockers.append(f"{name} ({reason})")
-        return TSAAdapter(module, self.config.init_scale, self._blockers)
+    def build(self, item: PlanItem, shared: list[str]) -> nn.Module:
+        return TSAAdapter(item.module, self.config.init_scale, shared)
 
 
 register_method("conv_adapter", ConvAdapterConfig, ConvAdapterTuner)

@@ -50,8 +50,10 @@ DiffusionUNetResnetBlock, ``attn.out_proj`` of every SpatialAttentionBlock and `
 ``attn2.out_proj`` and ``ff.linear2`` of every transformer block; gamma folds exactly into these
 layers' weight and bias.
 
-Importing this module registers the methods and the ``monai.DiffusionModelUNet`` preset (without
-importing MONAI: the preset recognises the class by its qualified name).
+Importing this module registers the methods. The ``monai.DiffusionModelUNet`` preset lives with the other
+presets in :mod:`monai_peft.targeting` (it recognises the class by its qualified name, without importing
+MONAI); its structural roles give each method its default: ``attention`` (attention tuning), ``qkv``
+(LoRA, with all of q, k, v), ``weights`` (SV-Diff), ``residual_out`` (DiffFit), ``norm``, ``head``.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import AdapterError, MethodNotApplicableError, TargetingError
-from monai_peft.methods.base import AdapterLayer, BaseTuner, WrappingTuner
-from monai_peft.methods.lora import conv_forward_with
+from monai_peft.methods.base import AdapterLayer, BaseTuner, PlanItem, WrappingTuner
+from monai_peft.methods.common import CONV, CONVT, conv_forward_with
 from monai_peft.methods.selective import (
     AttentionTuningConfig,
     AttentionTuningTuner,
@@ -78,13 +80,12 @@ from monai_peft.methods.selective import (
 )
 from monai_peft.registry import register_method
 from monai_peft.targeting import (
-    NetworkPreset,
-    TargetSpec,
+    DIFFUSION_UNET_PRESET,
+    DiffusionUNetType,
     canonical_named_tensors,
     get_preset,
     get_submodule,
     innermost,
-    register_preset,
     set_submodule,
 )
 
@@ -103,71 +104,6 @@ __all__ = [
     "SVDiffTuner",
     "svd_factors",
 ]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_NAMES = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
-
-
-# ---------------------------------------------------------------------------------------------
-# the DiffusionModelUNet preset
-# ---------------------------------------------------------------------------------------------
-class _MatchesQualifiedName(type):
-    """Metaclass: ``isinstance(obj, cls)`` is true when a class in ``type(obj).__mro__`` has one
-    of ``cls.qualified_names``; lets a preset name a MONAI class without importing MONAI."""
-
-    qualified_names: tuple[str, ...]
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return any(f"{c.__module__}.{c.__qualname__}" in cls.qualified_names for c in type(obj).__mro__)
-
-
-class DiffusionUNetType(metaclass=_MatchesQualifiedName):
-    """Stand-in type for ``monai.networks.nets.DiffusionModelUNet`` (and subclasses) in presets:
-    ``isinstance(net, DiffusionUNetType)`` is true for those networks. Never instantiated."""
-
-    qualified_names = ("monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",)
-
-
-# Attention blocks: SpatialAttentionBlock (no conditioning) or SpatialTransformer (cross-attention).
-_ATTN = r"(?:(?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|middle_block\.attention)"
-# Their attention modules: SABlock ``attn`` of a SpatialAttentionBlock; ``attn1`` (self) and
-# ``attn2`` (cross) of every DiffusionUNetTransformerBlock of a SpatialTransformer.
-_ATTN_MODULES = rf"{_ATTN}\.(?:attn|transformer_blocks\.\d+\.attn[12])"
-# Residual blocks, wherever they sit (resblock_updown=True makes the down/upsamplers resnets too).
-_RESNETS = r"(?:(?:down_blocks|up_blocks)\.\d+\.(?:resnets\.\d+|downsampler|upsampler)|middle_block\.resnet_[12])"
-
-DIFFUSION_UNET_PRESET = NetworkPreset(
-    "monai.DiffusionModelUNet",
-    (DiffusionUNetType,),
-    {
-        # Dutt et al.'s SD attention tuning ("attentions" in the name), trained in full
-        "attention": TargetSpec(modules=_ATTN),
-        # LoRA's default: the attention projections (SD / diffusers: to_q, to_k, to_v, to_out.0)
-        "qkv": TargetSpec(modules=rf"{_ATTN_MODULES}\.(?:to_q|to_k|to_v|qkv|out_proj)", types=["Linear"]),
-        "attn_out": TargetSpec(modules=rf"{_ATTN_MODULES}\.out_proj", types=["Linear"]),
-        # every normalisation layer (SD: "norm" in the name)
-        "norms": TargetSpec(types=["GroupNorm", "LayerNorm"]),
-        "convs": TargetSpec(types=list(_CONV_NAMES)),
-        # SV-Diff: every weight matrix of the U-Net (Linear and convolution weights)
-        "svdiff": TargetSpec(types=["Linear", *_CONV_NAMES]),
-        # DiffFit: the last layer of every residual branch (gamma scales its output)
-        "difffit": TargetSpec(
-            modules=(
-                rf"{_RESNETS}\.conv2\.conv"
-                rf"|{_ATTN}\.attn\.out_proj"
-                rf"|{_ATTN}\.transformer_blocks\.\d+\.(?:attn1\.out_proj|attn2\.out_proj|ff\.linear2)"
-            ),
-            types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
-        ),
-        # output block (final GroupNorm + convolution)
-        "head": TargetSpec(modules=["out"]),
-    },
-    {"class_embed": ["class_embedding.weight"]},
-    # the diffusion LoRA recipe (diffusers / Dutt et al.) adapts q, k and v (and the output projection)
-    {"lora": {"qkv_slices": "qkv"}},
-)
-register_preset(DIFFUSION_UNET_PRESET)
 
 
 def _net_name(model: nn.Module) -> str:
@@ -256,10 +192,15 @@ class SVDiffConfig(PeftConfig):
     svd_dtype: str = "float32"
 
     def validate(self) -> None:
-        self._require(self.svd_dtype in ("float32", "float64"), f"svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}")
+        self._require(
+            self.svd_dtype in ("float32", "float64"),
+            f"svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}",
+        )
 
 
-def svd_factors(weight: torch.Tensor, svd_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(
+    weight: torch.Tensor, svd_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``weight`` seen as the matrix ``(W.shape[0], prod(W.shape[1:]))``.
 
     Args:
@@ -355,7 +296,7 @@ class SVDiffTuner(WrappingTuner):
     """Wraps every targeted weight matrix in an :class:`SVDiffLayer` with a zero spectral shift."""
 
     config_cls = SVDiffConfig
-    default_roles = ("svdiff",)
+    default_roles = ("weights",)
     applies_to = (
         "modules with a weight matrix: nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d "
         "(a convolution weight is reshaped to (W.shape[0], prod(W.shape[1:])))"
@@ -363,7 +304,7 @@ class SVDiffTuner(WrappingTuner):
     config: SVDiffConfig
 
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
-        if isinstance(module, (nn.Linear, *_CONV, *_CONVT)) and module.weight is not None:
+        if isinstance(module, (nn.Linear, *CONV, *CONVT)) and module.weight is not None:
             return SVDiffLayer
         return None
 
@@ -373,16 +314,16 @@ class SVDiffTuner(WrappingTuner):
 
     def inject(self, model: nn.Module, adapter_name: str) -> None:
         svd_dtype = getattr(torch, self.config.svd_dtype)
-        for name, module, _ in self.plan(model):
-            current = get_submodule(model, name)
+        for item in self.plan(model):
+            current = get_submodule(model, item.name)
             if isinstance(current, SVDiffLayer):
                 layer = current
             else:
-                layer = SVDiffLayer(current, svd_dtype)
-                set_submodule(model, name, layer)
-            adapter = self.build_adapter(name, module, SVDiffLayer)
+                layer = SVDiffLayer(current, svd_dtype)  # the SVD is computed once, in the configured precision
+                set_submodule(model, item.name, layer)
+            adapter = self.build(item, None)
             if adapter.delta.numel() != layer.rank:  # pragma: no cover - defensive
-                raise AdapterError(f"svdiff: rank mismatch at {name}: {adapter.delta.numel()} vs {layer.rank}")
+                raise AdapterError(f"svdiff: rank mismatch at {item.name}: {adapter.delta.numel()} vs {layer.rank}")
             layer.add_adapter(adapter_name, adapter)
 
 
@@ -478,15 +419,15 @@ class DiffFitTuner(WrappingTuner):
     """Adds gamma after each residual branch and trains biases, norms and the class embedding in place."""
 
     config_cls = DiffFitConfig
-    default_roles = ("difffit",)
+    default_roles = ("residual_out",)
     applies_to = "the outputs of nn.Linear and nn.Conv1d/2d/3d layers (the last layer of each residual branch)"
     config: DiffFitConfig
 
-    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
+    def plan(self, model: nn.Module) -> list[PlanItem]:
         cfg = self.config
         if cfg.target_modules is None and not cfg.target_types:
             preset = self.preset(model)
-            if preset is None or preset.role("difffit") is None:
+            if preset is None or preset.role("residual_out") is None:
                 raise MethodNotApplicableError(
                     f"difffit: the default placement of the scale factors gamma is defined for diffusion U-Nets "
                     f"(MONAI DiffusionModelUNet); {_net_name(model)} is not one. Pass target_modules naming the last "
@@ -495,7 +436,7 @@ class DiffFitTuner(WrappingTuner):
         return super().plan(model)
 
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
-        if isinstance(module, (nn.Linear, *_CONV)):
+        if isinstance(module, (nn.Linear, *CONV)):
             return DiffFitScaleLayer
         return None
 

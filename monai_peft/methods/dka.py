@@ -62,28 +62,35 @@ the clamped sizes.
 Example::
 
     import monai_peft as mp
-    model = mp.get_peft_model(vit, mp.get_config("dka"), modules_to_save=["classification_head"])
+    model = mp.get_peft_model(vit, mp.get_config("dka", input_shape=[1, 224, 224]), modules_to_save=["classification_head"])
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import ConfigError, InputDataError, MethodNotApplicableError, TargetingError
-from monai_peft.methods.adapters import _ACTIVATIONS, BottleneckAdapter, SequentialAdapterLayer, make_activation
-from monai_peft.methods.base import AdapterLayer, WrappingTuner
+from monai_peft.methods.adapters import BottleneckAdapter, SequentialAdapterLayer
+from monai_peft.methods.base import PlanItem, WrappingTuner
+from monai_peft.methods.common import ACTIVATIONS, CONV_FN, conv_dims, make_activation
 from monai_peft.methods.layout import feature_layout
-from monai_peft.networks.heads.tokens import infer_grid
+from monai_peft.methods.token_geometry import (
+    GridContext,
+    TokenGeometry,
+    TokenGrid,
+    attach_grid_probes,
+    int_tuple,
+    token_geometry,
+)
 from monai_peft.registry import register_method
 from monai_peft.targeting import get_submodule, innermost
 
@@ -108,8 +115,6 @@ _BACKENDS = ("auto", "direct", "fft")
 FFT_MIN_TAPS = 900
 #: Taps per axis of the ``"dilated"`` large kernel.
 DILATED_TAPS = 5
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +226,7 @@ class DepthwiseConv(nn.Module):
                 weight = spread
             return _fft_depthwise(x, weight)
         padding = tuple(h * v for h, v in zip(halves, self.dilation))
-        return _CONV_FN[d](x, weight, padding=padding, dilation=self.dilation, groups=self.channels)
+        return CONV_FN[d](x, weight, padding=padding, dilation=self.dilation, groups=self.channels)
 
     def extra_repr(self) -> str:
         dil = f", dilation={self.dilation}" if any(v > 1 for v in self.dilation) else ""
@@ -276,112 +281,11 @@ class SeparableDepthwiseConv(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# token grids
+# token grids (see monai_peft.methods.token_geometry)
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TokenGeometry:
-    """What a network says about the token sequences its blocks see.
-
-    Attributes:
-        spatial_dims: 2 or 3, or None when unknown.
-        grid: patch-token grid (row-major order), or None when unknown.
-        num_prefix_tokens: CLS / distillation / register tokens before the patch tokens, or None.
-        n_patches: patch count reported by a patch embedding (None when there is none).
-        source: where the facts came from (for error messages).
-    """
-
-    spatial_dims: int | None = None
-    grid: tuple[int, ...] | None = None
-    num_prefix_tokens: int | None = None
-    n_patches: int | None = None
-    source: str = ""
-
-
-def _int_tuple(value: Any) -> tuple[int, ...] | None:
-    if isinstance(value, int):
-        return None
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if out and all(v > 0 for v in out) else None
-
-
-def _conv_dims(module: nn.Module) -> int | None:
-    """Spatial rank of the first convolution in ``module`` (or of an einops patch ``Rearrange``), else None."""
-    for m in module.modules():
-        for cls, d in _CONVS.items():
-            if isinstance(m, cls):
-                return d
-        pattern = getattr(m, "pattern", None)
-        if isinstance(pattern, str) and "->" in pattern:  # MONAI "perceptron" patch embedding
-            return pattern.split("->")[0].count("(") or None
-    return None
-
-
-def _ancestor_names(name: str) -> list[str]:
-    parts = name.split(".") if name else []
-    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
-
-
 def network_token_geometry(model: nn.Module, name: str) -> TokenGeometry:
-    """Token grid facts for the module at canonical ``name``, read from it and its ancestors.
-
-    Recognised (nearest ancestor first): a patch embedding (``patch_embedding`` of MONAI ``ViT`` /
-    ``PatchEmbeddingBlock`` with ``n_patches``; timm's ``patch_embed`` with ``grid_size``), whose convolution
-    gives 2D/3D; the owner's ``cls_token`` (its length = prefix count) or timm's ``num_prefix_tokens`` (a
-    network with a patch embedding and neither has no prefix); an explicit ``spec.grid``
-    (:class:`~monai_peft.networks.vit.MonaiViTBackbone`) or ``input_resolution`` (TinyViT blocks). A patch count
-    that is a perfect square (2D) / cube (3D) gives the grid; other counts leave it unknown.
-    """
-    dims: int | None = None
-    grid: tuple[int, ...] | None = None
-    explicit: tuple[int, ...] | None = None
-    prefix: int | None = None
-    n_patches: int | None = None
-    source = ""
-    for anc in _ancestor_names(name):
-        try:
-            m = innermost(get_submodule(model, anc))
-        except TargetingError:  # pragma: no cover - names come from the model
-            continue
-        if explicit is None:
-            spec = getattr(m, "spec", None)
-            explicit = _int_tuple(getattr(spec, "grid", None)) if spec is not None else None
-            if explicit is None:
-                explicit = _int_tuple(getattr(m, "input_resolution", None))
-                if explicit is not None and prefix is None:
-                    prefix = 0
-            if explicit is not None:
-                source = source or f"{type(m).__name__} at {anc or '<root>'!r}"
-        if n_patches is None and grid is None:
-            pe = getattr(m, "patch_embedding", None)
-            if not isinstance(pe, nn.Module):
-                pe = getattr(m, "patch_embed", None)
-            if isinstance(pe, nn.Module):
-                dims = _conv_dims(pe)
-                grid = _int_tuple(getattr(pe, "grid_size", None))
-                count = getattr(pe, "n_patches", getattr(pe, "num_patches", None))
-                n_patches = int(count) if count is not None else None
-                cls = getattr(m, "cls_token", None)
-                if prefix is None:
-                    if isinstance(cls, torch.Tensor) and cls.dim() == 3:
-                        prefix = int(cls.shape[1])
-                    elif isinstance(getattr(m, "num_prefix_tokens", None), int):
-                        prefix = int(m.num_prefix_tokens)
-                    else:
-                        prefix = 0
-                source = source or f"{type(m).__name__}.{'patch_embedding' if hasattr(m, 'patch_embedding') else 'patch_embed'}"
-    if explicit is not None:
-        grid = explicit
-    if dims is None and grid is not None:
-        dims = len(grid)
-    if grid is None and n_patches is not None and dims is not None:
-        try:
-            grid = infer_grid(n_patches, dims)
-        except InputDataError:
-            grid = None
-    return TokenGeometry(dims, grid, prefix, n_patches, source)
+    """The token geometry around the module at canonical ``name`` (:func:`~monai_peft.methods.token_geometry.token_geometry`)."""
+    return token_geometry(model, name)
 
 
 def resolve_token_grid(
@@ -390,46 +294,28 @@ def resolve_token_grid(
     grid: Sequence[int] | None = None,
     num_prefix_tokens: int | None = None,
 ) -> tuple[int, tuple[int, ...]]:
-    """``(P, grid)`` of a runtime sequence of ``num_tokens`` tokens.
-
-    Rules: with a known ``grid``, ``P = num_tokens - prod(grid)`` (it must be >= 0 and >= a known
-    ``num_prefix_tokens``: extra tokens, e.g. prompts inserted after the CLS token, count as prefix tokens and
-    bypass the convolutions); otherwise ``P = num_prefix_tokens`` (or, when unknown, the first of 0, 1 that
-    leaves a perfect square/cube) and the grid is that square/cube.
+    """``(P, grid)`` of a runtime sequence of ``num_tokens`` tokens on the known ``grid`` (the one rule of
+    :mod:`~monai_peft.methods.token_geometry`: the last ``prod(grid)`` tokens are the patches, at least
+    ``num_prefix_tokens`` tokens precede them). The grid is never guessed from the count.
 
     Raises:
-        InputDataError: the token count is not ``P + a grid``.
+        InputDataError: unknown grid, or a count that cannot hold the grid and the prefix tokens.
     """
-    if grid is not None:
-        grid = tuple(int(g) for g in grid)
-        extra = num_tokens - math.prod(grid)
-        if extra >= 0 and (num_prefix_tokens is None or extra >= num_prefix_tokens):
-            return extra, grid
-        raise InputDataError(
-            f"DKA: a sequence of {num_tokens} tokens cannot hold the {grid} patch grid"
-            + (f" plus {num_prefix_tokens} prefix token(s)" if num_prefix_tokens else "")
-            + "; check the image size / patch size, or set DKAConfig.grid / num_prefix_tokens"
-        )
-    candidates = [num_prefix_tokens] if num_prefix_tokens is not None else [0, 1]
-    for p in candidates:
-        if 0 <= p < num_tokens:
-            try:
-                return p, infer_grid(num_tokens - p, spatial_dims)
-            except InputDataError:
-                continue
-    raise InputDataError(
-        f"DKA: {num_tokens} tokens minus {' or '.join(map(str, candidates))} prefix token(s) is not a "
-        f"{'square' if spatial_dims == 2 else 'cube'} token grid, so the patch tokens cannot be arranged in "
-        f"{spatial_dims}D; pass DKAConfig(grid=[...]) (image size // patch size) and/or num_prefix_tokens, or "
-        "target modules whose outputs are whole token grids (e.g. not MAE-masked sequences)"
+    tokens = TokenGrid(
+        spatial_dims,
+        tuple(int(g) for g in grid) if grid is not None else None,
+        num_prefix_tokens or 0,
+        hint="pass the patch grid (image size // patch size per axis)",
     )
+    return tokens.split(num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
 # the adapter
 # ---------------------------------------------------------------------------------------------
 class DualKernelAdapter(BottleneckAdapter):
-    """The DKA branch ``Dropout(GELU(DW_large(Z) + DW_small(Z))) W_up`` with ``Z = GELU(x W_down)`` (no residual).
+    """The DKA branch ``Dropout(GELU(BN(DW_large(Z) + DW_small(Z)))) W_up`` with ``Z = GELU(x W_down)`` (no residual;
+    ``BN`` only with ``batch_norm=True``).
 
     Reuses :class:`~monai_peft.methods.adapters.BottleneckAdapter`'s projections (``down``, ``up``, no biases,
     ``down`` kaiming-uniform = PyTorch's Linear default) and its activation/dropout; ``up`` gets PyTorch's
@@ -444,7 +330,12 @@ class DualKernelAdapter(BottleneckAdapter):
         large_kernel / small_kernel: kernel size per spatial axis (odd), already clamped.
         large_init / small_init: configured sizes whose fan-in sets the init bound (see :class:`DepthwiseConv`).
         large_kernel_mode: ``"full"``, ``"separable"`` or ``"dilated"`` (see :func:`dilated_kernel`).
-        grid / num_prefix_tokens: token-grid facts for token inputs (see :func:`resolve_token_grid`).
+        batch_norm: a ``BatchNormNd(m)`` on the summed depthwise outputs (the reference DKA for ConvNeXt:
+            ``DW 11x11 + DW 5x5 -> BatchNorm -> GELU``); on token sequences it normalises the patch map only.
+        grid / num_prefix_tokens: a static token grid and the network's prefix count, for token inputs built
+            without ``tokens``.
+        tokens: the :class:`~monai_peft.methods.token_geometry.TokenGrid` that splits token sequences
+            (follows the runtime grid of the patch embedding); default: from ``grid`` / ``num_prefix_tokens``.
 
     Shapes: tokens ``(B, P + N, C)``, channel-last ``(B, *spatial, C)`` or channel-first ``(B, C, *spatial)``
     -> the same shape (the branch; :class:`DKALayer` adds the residual).
@@ -465,12 +356,20 @@ class DualKernelAdapter(BottleneckAdapter):
         activation: str = "gelu",
         dropout: float = 0.1,
         zero_init: bool = False,
+        batch_norm: bool = False,
         grid: Sequence[int] | None = None,
         num_prefix_tokens: int | None = None,
+        tokens: TokenGrid | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            channels, channels, bottleneck, activation=activation, dropout=dropout, channel_dim=channel_dim, bias=False,
+            channels,
+            channels,
+            bottleneck,
+            activation=activation,
+            dropout=dropout,
+            channel_dim=channel_dim,
+            bias=False,
             down_init="kaiming",
         )
         if not zero_init:
@@ -478,24 +377,44 @@ class DualKernelAdapter(BottleneckAdapter):
         if large_kernel_mode not in ("full", "separable", "dilated"):
             raise ConfigError(f"large_kernel_mode must be 'full', 'separable' or 'dilated', got {large_kernel_mode!r}")
         self.spatial_dims = spatial_dims
-        self.grid = tuple(grid) if grid is not None else None
-        self.num_prefix_tokens = num_prefix_tokens
+        if tokens is None:
+            tokens = TokenGrid(
+                spatial_dims,
+                tuple(int(g) for g in grid) if grid is not None else None,
+                num_prefix_tokens or 0,
+                hint="pass DKAConfig(grid=[image size // patch size per axis]) or input_shape",
+            )
+        self.tokens = tokens
         self.large_kernel_mode = large_kernel_mode
         if large_kernel_mode == "dilated":
             taps, dilation = dilated_kernel(large_kernel)
-            self.large = DepthwiseConv(bottleneck, taps, init_kernel_size=large_init, backend=backend, dilation=dilation)
+            self.large = DepthwiseConv(
+                bottleneck, taps, init_kernel_size=large_init, backend=backend, dilation=dilation
+            )
         else:
             large_cls = DepthwiseConv if large_kernel_mode == "full" else SeparableDepthwiseConv
             self.large = large_cls(bottleneck, large_kernel, init_kernel_size=large_init, backend=backend)
         self.small = DepthwiseConv(bottleneck, small_kernel, init_kernel_size=small_init, backend=backend)
+        bn = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(spatial_dims, nn.BatchNorm1d)
+        self.bn = bn(bottleneck) if batch_norm else nn.Identity()
         self.act_out = make_activation(activation)
 
+    @property
+    def grid(self) -> tuple[int, ...] | None:
+        """The static token grid (None: only the runtime grid is known)."""
+        return self.tokens.static
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The network's own prefix tokens (more may precede the patches at run time)."""
+        return self.tokens.min_prefix
+
     def _mix(self, zmap: torch.Tensor) -> torch.Tensor:
-        return self.large(zmap) + self.small(zmap)
+        return self.bn(self.large(zmap) + self.small(zmap))
 
     def token_grid(self, num_tokens: int) -> tuple[int, tuple[int, ...]]:
-        """``(prefix tokens, grid)`` for a sequence of ``num_tokens`` tokens (see :func:`resolve_token_grid`)."""
-        return resolve_token_grid(num_tokens, self.spatial_dims, self.grid, self.num_prefix_tokens)
+        """``(prefix tokens, grid)`` of a sequence of ``num_tokens`` tokens (the runtime grid when one was probed)."""
+        return self.tokens.split(num_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.spatial_dims
@@ -554,17 +473,19 @@ def dka_parameter_count(
     large_kernel: Sequence[int],
     small_kernel: Sequence[int],
     large_kernel_mode: str = "full",
+    batch_norm: bool = False,
 ) -> int:
     """Weights of one DKA (no biases): ``m (2C + |large| + |small|)``, ``|small| = prod(k_s)`` and ``|large| =
     prod(k)`` (full), ``sum(k)`` (separable) or ``prod(dilated_kernel(k)[0])`` (dilated); ``large_kernel`` is the
-    (clamped) dense span. 2D full: ``m (2C + k_l^2 + k_s^2)``."""
+    (clamped) dense span; ``+ 2m`` (the BatchNorm's weight and bias) with ``batch_norm``. 2D full:
+    ``m (2C + k_l^2 + k_s^2)``."""
     if large_kernel_mode == "full":
         large = math.prod(large_kernel)
     elif large_kernel_mode == "separable":
         large = sum(large_kernel)
     else:
         large = math.prod(dilated_kernel(large_kernel)[0])
-    return bottleneck * (2 * channels + large + math.prod(small_kernel))
+    return bottleneck * (2 * channels + large + math.prod(small_kernel) + (2 if batch_norm else 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,14 +509,20 @@ class DKAConfig(PeftConfig):
             init, not an identity).
         adapters_per_block: 1 (reference code: after each block, preset role ``blocks``) or 2 (paper figure:
             after the attention and after the MLP sub-layers, preset role ``sublayers``; transformers only).
-        clamp_kernels: clamp kernels to ``2 n - 1`` per axis where the size ``n`` is known at injection.
-        grid: patch-token grid (``image size // patch size``) when the network cannot tell it (non-square
-            inputs of networks without an explicit grid); default: read from the network / square or cube.
-        num_prefix_tokens: CLS/prefix tokens before the patch tokens; default: from the network, else inferred.
+        batch_norm: a BatchNorm over the ``m`` bottleneck channels after the summed depthwise kernels (the
+            reference DKA for ConvNeXt: ``DW 11x11 + DW 5x5 -> BatchNorm -> GELU``); adds ``2 m`` parameters.
+        clamp_kernels: clamp kernels to ``2 n - 1`` per axis where the size ``n`` is known at injection. On a
+            token grid that the network does not store (MONAI's plain ``ViT``), pass ``grid`` or ``input_shape``,
+            or set ``clamp_kernels=False``; grids that follow the input (timm ``dynamic_img_size``) are not clamped.
+        grid: static patch-token grid (``image size // patch size``) when the network does not store it (MONAI's
+            ``ViT`` stores only the patch count); never guessed from the token count. At run time the grid of
+            each forward pass is read from the patch embedding's input.
+        num_prefix_tokens: the network's own CLS/register tokens before the patch tokens; default: the network's.
         spatial_dims: 2 or 3 when the network cannot tell it (token sequences default to the patch embedding's,
-            else 2; CNN blocks to their convolutions).
-        input_shape: ``[C, *spatial]`` of the network input; if given, one probe forward at injection records each
-            target's feature-map size so CNN/Swin kernels are clamped (and the parameter count is the real one).
+            CNN blocks to their convolutions).
+        input_shape: ``[C, *spatial]`` of the network input; gives the token grid of ViTs (through the patch size)
+            and, with one probe forward at injection, each CNN/Swin target's feature-map size, so kernels are
+            clamped (and the parameter count is the real one).
         conv_backend: ``"auto"`` (FFT for kernels with > 900 taps), ``"direct"`` or ``"fft"``.
     """
 
@@ -606,6 +533,7 @@ class DKAConfig(PeftConfig):
     activation: str = "gelu"
     dropout: float = 0.1
     zero_init: bool = False
+    batch_norm: bool = False
     adapters_per_block: int = 1
     clamp_kernels: bool = True
     grid: list[int] | None = None
@@ -616,26 +544,44 @@ class DKAConfig(PeftConfig):
 
     def validate(self) -> None:
         req = self._require
-        req(isinstance(self.bottleneck, int) and self.bottleneck > 0, f"bottleneck must be a positive int, got {self.bottleneck!r}")
+        req(
+            isinstance(self.bottleneck, int) and self.bottleneck > 0,
+            f"bottleneck must be a positive int, got {self.bottleneck!r}",
+        )
         for name in ("large_kernel", "small_kernel"):
             k = getattr(self, name)
-            req(isinstance(k, int) and k > 0 and k % 2 == 1, f"{name} must be a positive odd int ('same' padding), got {k!r}")
-        req(self.large_kernel_mode in _MODES, f"large_kernel_mode must be one of {_MODES}, got {self.large_kernel_mode!r}")
-        req(self.activation in _ACTIVATIONS, f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+            req(
+                isinstance(k, int) and k > 0 and k % 2 == 1,
+                f"{name} must be a positive odd int ('same' padding), got {k!r}",
+            )
+        req(
+            self.large_kernel_mode in _MODES,
+            f"large_kernel_mode must be one of {_MODES}, got {self.large_kernel_mode!r}",
+        )
+        req(self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         req(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        req(isinstance(self.batch_norm, bool), f"batch_norm must be True or False, got {self.batch_norm!r}")
         req(self.adapters_per_block in (1, 2), f"adapters_per_block must be 1 or 2, got {self.adapters_per_block!r}")
         req(self.spatial_dims in (None, 2, 3), f"spatial_dims must be None, 2 or 3, got {self.spatial_dims!r}")
         req(self.conv_backend in _BACKENDS, f"conv_backend must be one of {_BACKENDS}, got {self.conv_backend!r}")
-        req(self.num_prefix_tokens is None or (isinstance(self.num_prefix_tokens, int) and self.num_prefix_tokens >= 0),
-            f"num_prefix_tokens must be None or an int >= 0, got {self.num_prefix_tokens!r}")
+        req(
+            self.num_prefix_tokens is None or (isinstance(self.num_prefix_tokens, int) and self.num_prefix_tokens >= 0),
+            f"num_prefix_tokens must be None or an int >= 0, got {self.num_prefix_tokens!r}",
+        )
         if self.grid is not None:
-            grid = _int_tuple(self.grid)
+            grid = int_tuple(self.grid)
             req(grid is not None and len(grid) in (2, 3), f"grid must be 2 or 3 positive ints, got {self.grid!r}")
-            req(self.spatial_dims is None or len(grid) == self.spatial_dims, f"grid {self.grid} does not have spatial_dims={self.spatial_dims} entries")
+            req(
+                self.spatial_dims is None or len(grid) == self.spatial_dims,
+                f"grid {self.grid} does not have spatial_dims={self.spatial_dims} entries",
+            )
             self.grid = list(grid)
         if self.input_shape is not None:
-            shape = _int_tuple(self.input_shape)
-            req(shape is not None and len(shape) in (3, 4), f"input_shape must be [C, H, W] or [C, D, H, W], got {self.input_shape!r}")
+            shape = int_tuple(self.input_shape)
+            req(
+                shape is not None and len(shape) in (3, 4),
+                f"input_shape must be [C, H, W] or [C, D, H, W], got {self.input_shape!r}",
+            )
             self.input_shape = list(shape)
 
     def mode_for(self, spatial_dims: int, kernel: Sequence[int] | None = None) -> str:
@@ -655,16 +601,24 @@ class DKAConfig(PeftConfig):
 
 @dataclass(frozen=True)
 class _Target:
+    """Plan context of one DKA target."""
+
     channels: int
     channel_dim: int
     spatial_dims: int
-    grid: tuple[int, ...] | None = None
-    num_prefix_tokens: int | None = None
+    geometry: TokenGeometry | None = None  # token sequences
     size: tuple[int, ...] | None = None  # spatial size used to clamp kernels
 
-
-class _NotApplicable(Exception):
-    pass
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "channels": self.channels,
+            "channel_dim": self.channel_dim,
+            "spatial_dims": self.spatial_dims,
+        }
+        if self.geometry is not None:
+            out["tokens"] = self.geometry.to_dict()
+        out["size"] = list(self.size) if self.size is not None else None
+        return out
 
 
 def _is_swin_block(m: nn.Module) -> bool:
@@ -675,111 +629,140 @@ def _is_window_attention(m: nn.Module) -> bool:
     return hasattr(m, "window_size") and (hasattr(m, "qkv") or hasattr(m, "relative_position_bias_table"))
 
 
-def _norm_dims(module: nn.Module) -> int | None:
+def _map_dims(module: nn.Module) -> int | None:
+    """Spatial rank of the first convolution / BatchNorm / InstanceNorm (or einops patch Rearrange) in ``module``."""
     for m in module.modules():
-        if isinstance(m, _BatchNorm | _InstanceNorm):
-            name = type(m).__name__
-            if name[-2:] in ("1d", "2d", "3d"):
-                return int(name[-2])
+        d = conv_dims(m)
+        if d is not None:
+            return d
+        if isinstance(m, _BatchNorm | _InstanceNorm) and type(m).__name__[-2:] in ("1d", "2d", "3d"):
+            return int(type(m).__name__[-2])
     return None
 
 
+def _ancestor_names(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+_GRID_HINT = "pass DKAConfig(grid=[image size // patch size per axis]) or input_shape=[C, *spatial]"
+
+
 class DKATuner(WrappingTuner):
-    """Wraps each target (transformer block, Swin block, CNN block; or sub-layers) in a :class:`DKALayer`."""
+    """Wraps each target (transformer block, Swin block, CNN block; or sub-layers) in a :class:`DKALayer`.
+
+    Token targets read their grid from :mod:`~monai_peft.methods.token_geometry`: the static grid sizes the
+    kernels; a probe on the patch embedding gives each forward pass's grid.
+    """
 
     config_cls = DKAConfig
-    default_roles = ("blocks",)
     applies_to = (
         "transformer blocks or sub-layers whose output is a full token grid (prefix tokens allowed), Swin blocks "
         "(channel-last maps) and CNN blocks (channel-first maps), 2D or 3D"
     )
     config: DKAConfig
 
-    def __init__(self, config: DKAConfig) -> None:
-        super().__init__(config)
-        self._targets: dict[str, _Target] = {}
+    @property
+    def default_roles(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("block",) if self.config.adapters_per_block == 1 else ("sublayer",)
 
-    # -- selection ------------------------------------------------------------------------------
-    def _roles(self) -> tuple[str, ...]:
-        return ("blocks",) if self.config.adapters_per_block == 1 else ("sublayers",)
-
-    def _names(self, model: nn.Module) -> list[str]:
+    def resolve(self, model: nn.Module, *default_roles: str) -> list[str]:
         cfg = self.config
         if cfg.adapters_per_block == 2 and cfg.target_modules is None and not cfg.target_types:
             preset = self.preset(model)
-            if preset is None or preset.role("sublayers") is None:
+            if preset is None or preset.role("sublayer") is None:
                 net = type(innermost(model)).__name__
                 raise MethodNotApplicableError(
                     f"dka: adapters_per_block=2 places a DKA after the attention and after the MLP of every "
                     f"transformer block, but {net} has no such sub-layers in its preset; use adapters_per_block=1 "
                     "or pass target_modules"
                 )
-        return self.resolve(model, *self._roles())
+        return super().resolve(model, *default_roles)
 
-    def _describe(self, model: nn.Module, name: str, module: nn.Module) -> _Target:
+    def _describe(self, model: nn.Module, name: str, module: nn.Module) -> _Target | str:
         cfg = self.config
         if _is_window_attention(module):
-            raise _NotApplicable(
+            return (
                 "window attention runs on batches of (shifted) windows, not on the feature map; place DKA after the "
                 "whole Swin block (adapters_per_block=1)"
             )
         try:
             layout = feature_layout(module)
         except TargetingError as exc:
-            raise _NotApplicable(str(exc)) from exc
+            return str(exc)
         c = layout.out_channels
         # token blocks that carry their grid (TinyViT / LiteMedSAM: (B, H*W, C) in and out, though their last
         # registered layer is a convolution applied inside the block)
-        if _int_tuple(getattr(module, "input_resolution", None)) is not None and hasattr(module, "attn"):
+        if int_tuple(getattr(module, "input_resolution", None)) is not None and hasattr(module, "attn"):
             layout = type(layout)(layout.in_channels, c, -1)
         if layout.channel_dim == 1:
-            dims = cfg.spatial_dims or _conv_dims(module) or _norm_dims(module)
+            dims = cfg.spatial_dims or _map_dims(module)
             if dims is None:
-                raise _NotApplicable("cannot tell whether its feature maps are 2D or 3D; set DKAConfig.spatial_dims")
+                return "cannot tell whether its feature maps are 2D or 3D; set DKAConfig.spatial_dims"
             if dims not in (2, 3):
-                raise _NotApplicable(f"its feature maps are {dims}D; DKA supports 2D and 3D")
+                return f"its feature maps are {dims}D; DKA supports 2D and 3D"
             return _Target(c, 1, dims)
         # channel-last: Swin maps (B, *spatial, C) or token sequences (B, P + N, C)
         for anc in _ancestor_names(name):
             m = innermost(get_submodule(model, anc))
             if _is_swin_block(m):
                 return _Target(c, -1, cfg.spatial_dims or len(tuple(m.window_size)))
-        geo = network_token_geometry(model, name)
-        dims = cfg.spatial_dims or geo.spatial_dims or (len(cfg.grid) if cfg.grid else None) or 2
-        grid = tuple(cfg.grid) if cfg.grid is not None else geo.grid
-        if grid is None and geo.n_patches is not None:
-            raise _NotApplicable(
-                f"{geo.source} has {geo.n_patches} patches, not a {'square' if dims == 2 else 'cube'}, and the network "
-                "does not store its grid; pass DKAConfig(grid=[image size // patch size per axis])"
+        try:
+            geo = token_geometry(
+                model,
+                name,
+                grid=cfg.grid,
+                num_prefix_tokens=cfg.num_prefix_tokens,
+                spatial_dims=cfg.spatial_dims,
+                input_shape=cfg.input_shape,
             )
-        if grid is not None and len(grid) != dims:
-            raise _NotApplicable(f"token grid {grid} is not {dims}D")
-        prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else geo.num_prefix_tokens
-        return _Target(c, -1, dims, grid, prefix, grid)
+        except ConfigError as exc:
+            return str(exc)
+        if geo.spatial_dims not in (2, 3):
+            return f"the rank of its token grid is unknown ({geo.source or 'no patch embedding found'}); set DKAConfig.spatial_dims and grid"
+        if geo.grid is None and cfg.clamp_kernels and not geo.dynamic:
+            count = (
+                f" stores {geo.num_patches} patches but not their grid"
+                if geo.num_patches
+                else " does not store its patch grid"
+            )
+            return (
+                f"{geo.source or 'the network'}{count}, and the kernels are clamped to the grid; {_GRID_HINT} "
+                "(or clamp_kernels=False)"
+            )
+        return _Target(c, -1, geo.spatial_dims, geo, geo.grid if not geo.dynamic else None)
 
-    def _probe_sizes(self, model: nn.Module, names: list[str], targets: dict[str, _Target]) -> dict[str, tuple[int, ...]]:
-        """Spatial size of each target's output for one zero input of ``input_shape`` (eval, no grad)."""
+    def _probe_sizes(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, tuple[int, ...]]:
+        """Spatial size of each map target's output for one zero input of ``input_shape`` (eval, no grad)."""
         shape = tuple(self.config.input_shape or ())
         sizes: dict[str, tuple[int, ...]] = {}
         hooks = []
-        for name in names:
-            t = targets[name]
+        for item in plan:
+            t: _Target = item.context
+            if t.geometry is not None:
+                continue
 
-            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name, t: _Target = t) -> None:
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = item.name, t: _Target = t) -> None:
                 y = out[0] if isinstance(out, tuple | list) else out
                 if isinstance(y, torch.Tensor) and y.dim() == t.spatial_dims + 2:
                     sizes[name] = tuple(y.shape[2:]) if t.channel_dim == 1 else tuple(y.shape[1:-1])
 
-            hooks.append(get_submodule(model, name).register_forward_hook(hook))
+            hooks.append(get_submodule(model, item.name).register_forward_hook(hook))
+        if not hooks:
+            return sizes
         modes = [(m, m.training) for m in model.modules()]
         ref = next(iter(model.parameters()), None)
-        x = torch.zeros(1, *shape, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
+        x = torch.zeros(
+            1, *shape, device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None
+        )
         try:
             model.eval()
             with torch.no_grad():
                 model(x)
         except Exception as exc:
-            raise ConfigError(f"dka: the probe forward with input_shape={list(shape)} failed ({exc}); fix input_shape") from exc
+            raise ConfigError(
+                f"dka: the probe forward with input_shape={list(shape)} failed ({exc}); fix input_shape"
+            ) from exc
         finally:
             for h in hooks:
                 h.remove()
@@ -787,63 +770,115 @@ class DKATuner(WrappingTuner):
                 m.training = mode
         return sizes
 
-    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
-        names = self._names(model)
-        targets: dict[str, _Target] = {}
+    def plan_item(self, model: nn.Module, name: str, module: nn.Module) -> PlanItem | str:
+        target = self._describe(model, name, module)
+        return target if isinstance(target, str) else PlanItem(name, module, DKALayer, target)
+
+    def plan(self, model: nn.Module) -> list[PlanItem]:
+        names = self.resolve(model, *self.default_roles)
+        items: list[PlanItem] = []
         rejected: list[str] = []
         for name in names:
             module = innermost(get_submodule(model, name))
-            try:
-                targets[name] = self._describe(model, name, module)
-            except _NotApplicable as exc:
-                rejected.append(f"{name} ({type(module).__name__}): {exc}")
+            item = self.plan_item(model, name, module)
+            if isinstance(item, str):
+                rejected.append(f"{name} ({type(module).__name__}): {item}")
+            else:
+                items.append(item)
         if rejected:
             more = f" (and {len(rejected) - 4} more)" if len(rejected) > 4 else ""
             raise MethodNotApplicableError(
                 f"dka cannot adapt {'; '.join(rejected[:4])}{more}. It applies to {self.applies_to}"
             )
         if self.config.input_shape is not None:
-            sizes = self._probe_sizes(model, names, targets)
-            for name, size in sizes.items():
-                t = targets[name]
-                targets[name] = _Target(t.channels, t.channel_dim, t.spatial_dims, t.grid, t.num_prefix_tokens, size)
-        self._targets = targets
-        self.check_targets(model, names)
-        return [(n, innermost(get_submodule(model, n)), DKALayer) for n in names]
+            sizes = self._probe_sizes(model, items)
+            items = [
+                PlanItem(i.name, i.module, i.layer_cls, replace(i.context, size=sizes[i.name]))
+                if i.name in sizes
+                else i
+                for i in items
+            ]
+        return items
 
-    def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
-        return DKALayer
-
-    def kernel_sizes(self, target: _Target) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    def kernel_sizes(
+        self, target: _Target
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(large, small, configured large, configured small) kernel sizes for one target."""
         d = target.spatial_dims
         large0, small0 = (self.config.large_kernel,) * d, (self.config.small_kernel,) * d
         size = target.size if self.config.clamp_kernels else None
         return clamp_kernel(large0, size), clamp_kernel(small0, size), large0, small0
 
-    def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
-        t = self._targets[name]
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> dict[str, GridContext]:
+        """Probe the patch embedding(s) of token targets, so each forward pass's grid is known."""
+        return attach_grid_probes(
+            model, [i.context.geometry for i in plan if i.context.geometry is not None], adapter_name
+        )
+
+    def build(self, item: PlanItem, shared: dict[str, GridContext]) -> nn.Module:
+        t: _Target = item.context
         cfg = self.config
         large, small, large0, small0 = self.kernel_sizes(t)
+        tokens = None
+        if t.geometry is not None:
+            ctx = shared.get(t.geometry.patch_embed) if t.geometry.patch_embed is not None else None
+            tokens = TokenGrid.from_geometry(t.geometry, ctx, _GRID_HINT)
         return DualKernelAdapter(
-            t.channels, cfg.bottleneck, spatial_dims=t.spatial_dims, channel_dim=t.channel_dim, large_kernel=large,
-            small_kernel=small, large_init=large0, small_init=small0, large_kernel_mode=cfg.mode_for(t.spatial_dims, large),
-            activation=cfg.activation, dropout=cfg.dropout, zero_init=cfg.zero_init, grid=t.grid,
-            num_prefix_tokens=t.num_prefix_tokens, backend=cfg.conv_backend,
+            t.channels,
+            cfg.bottleneck,
+            spatial_dims=t.spatial_dims,
+            channel_dim=t.channel_dim,
+            large_kernel=large,
+            small_kernel=small,
+            large_init=large0,
+            small_init=small0,
+            large_kernel_mode=cfg.mode_for(t.spatial_dims, large),
+            activation=cfg.activation,
+            dropout=cfg.dropout,
+            zero_init=cfg.zero_init,
+            batch_norm=cfg.batch_norm,
+            tokens=tokens,
+            backend=cfg.conv_backend,
         )
+
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        geos = [i.context.geometry for i in plan if i.context.geometry is not None]
+        grids = {g.grid for g in geos if g.grid is not None and not g.dynamic}
+        prefixes = {g.num_prefix_tokens for g in geos}
+        out: dict[str, Any] = {}
+        if len(grids) == 1 and self.config.grid is None:
+            out["grid"] = list(next(iter(grids)))
+        if len(prefixes) == 1 and self.config.num_prefix_tokens is None:
+            out["num_prefix_tokens"] = next(iter(prefixes))
+        return out
+
+    def item_info(self, item: PlanItem) -> dict[str, Any]:
+        large, small, _, _ = self.kernel_sizes(item.context)
+        return {**super().item_info(item), "large_kernel": list(large), "small_kernel": list(small)}
 
     def describe_targets(self, model: nn.Module) -> list[dict[str, Any]]:
         """Per target: layout, spatial dims, grid/size, kernel sizes and parameter count (does not modify model)."""
         out = []
-        for name, _, _ in self.plan(model):
-            t = self._targets[name]
+        for item in self.plan(model):
+            t: _Target = item.context
             large, small, _, _ = self.kernel_sizes(t)
             mode = self.config.mode_for(t.spatial_dims, large)
-            out.append({
-                "name": name, "channels": t.channels, "channel_dim": t.channel_dim, "spatial_dims": t.spatial_dims,
-                "grid": t.grid, "size": t.size, "large_kernel": large, "small_kernel": small, "mode": mode,
-                "parameters": dka_parameter_count(t.channels, self.config.bottleneck, large, small, mode),
-            })
+            out.append(
+                {
+                    "name": item.name,
+                    "channels": t.channels,
+                    "channel_dim": t.channel_dim,
+                    "spatial_dims": t.spatial_dims,
+                    "grid": t.geometry.grid if t.geometry is not None else None,
+                    "size": t.size,
+                    "large_kernel": large,
+                    "small_kernel": small,
+                    "mode": mode,
+                    "parameters": dka_parameter_count(
+                        t.channels, self.config.bottleneck, large, small, mode, self.config.batch_norm
+                    ),
+                }
+            )
         return out
 
 

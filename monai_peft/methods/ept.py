@@ -23,7 +23,10 @@ reference code). Prompt length L = 100 (the paper's configs). Only the prompts (
 
 **Prompt rows follow the runtime tokens.** ``P_E`` holds ``num_prefix_tokens`` rows (CLS,
 registers) followed by one row per patch of ``prompt_grid`` (the network's patch grid when the
-adapter is created, stored in the config so that a saved adapter rebuilds the same shapes).
+adapter is created; the caller's config is never changed: the resolved grid is saved in the adapter
+file's resolved config, so that loading rebuilds the same shapes). A network that fixes its patch
+count but does not store the grid (MONAI's plain ``ViT``) gets one row per patch in its token order,
+used as they are; resampling them to another grid then needs ``prompt_grid``.
 When the runtime patch grid differs (a timm ViT with ``dynamic_img_size`` run at 384 px with a
 prompt built at 224 px, or an adapter saved from a 224 px MONAI ViT loaded onto a 384 px one),
 the grid rows are resampled like a position embedding: viewed as an ``L``-channel image on the
@@ -49,7 +52,7 @@ Multi_Cat needs the row range of S, so it always uses the explicit softmax path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,16 +61,21 @@ from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import ConfigError, InputDataError
-from monai_peft.methods.base import BaseTuner
+from monai_peft.methods.base import AdapterLayer, PlanItem
 from monai_peft.methods.prompts import (
-    ForwardingAdapterLayer,
-    TokenLayout,
+    PromptTuner,
     _validate_common,
     attention_kind,
     find_attention_modules,
     prompted_indices,
-    token_layout,
-    wrap_module,
+)
+from monai_peft.methods.token_geometry import (
+    GridContext,
+    GridProbe,
+    GridProbeLayer,
+    TokenGeometry,
+    TokenGrid,
+    attach_grid_probes,
 )
 from monai_peft.registry import register_method
 from monai_peft.targeting import get_submodule, innermost
@@ -131,8 +139,12 @@ class EPTConfig(PeftConfig):
     def validate(self) -> None:
         _validate_common(self, _INITS)
         self._require(self.embedding in _EMBEDDINGS, f"embedding must be one of {_EMBEDDINGS}, got {self.embedding!r}")
-        self._require(self.resample_mode in _RESAMPLE, f"resample_mode must be one of {_RESAMPLE}, got {self.resample_mode!r}")
-        self._require(self.attention_impl in _IMPLS, f"attention_impl must be one of {_IMPLS}, got {self.attention_impl!r}")
+        self._require(
+            self.resample_mode in _RESAMPLE, f"resample_mode must be one of {_RESAMPLE}, got {self.resample_mode!r}"
+        )
+        self._require(
+            self.attention_impl in _IMPLS, f"attention_impl must be one of {_IMPLS}, got {self.attention_impl!r}"
+        )
         self._require(
             not (self.embedding == "multi_cat" and self.attention_impl == "sdpa"),
             "embedding='multi_cat' scales the prompt by the range of each row of the attention logits, which SDPA "
@@ -140,7 +152,8 @@ class EPTConfig(PeftConfig):
         )
         if self.prompt_grid is not None:
             self._require(
-                isinstance(self.prompt_grid, (list, tuple)) and len(self.prompt_grid) > 0
+                isinstance(self.prompt_grid, (list, tuple))
+                and len(self.prompt_grid) > 0
                 and all(isinstance(g, int) and g > 0 for g in self.prompt_grid),
                 f"prompt_grid must be a list of positive ints (patches per spatial axis), got {self.prompt_grid!r}",
             )
@@ -179,7 +192,13 @@ def _causal_bias(n: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_with_prompt(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt: torch.Tensor, bias: torch.Tensor | None, dropout_p: float, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt: torch.Tensor,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
 ) -> torch.Tensor:
     """EPT (Pure_Cat) through ``scaled_dot_product_attention`` with one virtual key (zero key, zero
     value, additive logit ``logsumexp_k p_ik``)."""
@@ -196,20 +215,17 @@ def _sdpa_with_prompt(
 # ---------------------------------------------------------------------------------------------
 # prompt rows and runtime grid
 # ---------------------------------------------------------------------------------------------
-class _GridContext:
-    """The patch grid of the current forward pass, written by :class:`GridProbe`."""
-
-    def __init__(self) -> None:
-        self.grid: tuple[int, ...] | None = None
-
-
-def resample_prompt_rows(rows: torch.Tensor, grid: tuple[int, ...], new_grid: tuple[int, ...], mode: str = "linear") -> torch.Tensor:
+def resample_prompt_rows(
+    rows: torch.Tensor, grid: tuple[int, ...], new_grid: tuple[int, ...], mode: str = "linear"
+) -> torch.Tensor:
     """Resample patch rows ``(prod(grid), L)`` laid out on ``grid`` to ``(prod(new_grid), L)``."""
     if tuple(grid) == tuple(new_grid):
         return rows
     d = len(grid)
     if len(new_grid) != d:
-        raise InputDataError(f"cannot resample prompt rows from a {d}-D grid {tuple(grid)} to a {len(new_grid)}-D grid {tuple(new_grid)}")
+        raise InputDataError(
+            f"cannot resample prompt rows from a {d}-D grid {tuple(grid)} to a {len(new_grid)}-D grid {tuple(new_grid)}"
+        )
     if mode == "linear":
         mode = ("linear", "bilinear", "trilinear")[d - 1]
     elif mode == "bicubic" and d != 2:
@@ -217,30 +233,34 @@ def resample_prompt_rows(rows: torch.Tensor, grid: tuple[int, ...], new_grid: tu
     length = rows.shape[-1]
     img = rows.t().reshape(1, length, *grid)
     kwargs = {} if mode == "nearest" else {"align_corners": False}
-    out = F.interpolate(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, size=tuple(new_grid), mode=mode, **kwargs)
+    out = F.interpolate(
+        img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, size=tuple(new_grid), mode=mode, **kwargs
+    )
     return out.to(rows.dtype).reshape(length, -1).t()
 
 
 class EPTPrompt(nn.Module):
-    """``prompt``: ``(num_prefix_tokens + prod(grid), L)`` embedded prompt logits of one attention layer.
+    """``prompt``: ``(num_prefix_tokens + patches, L)`` embedded prompt logits of one attention layer.
 
     Args:
         num_prefix_tokens: rows of the prefix tokens.
-        grid: patch grid of the prompt rows.
+        grid: patch grid the patch rows are laid out on, or None when the network fixes the patch count but not
+            the grid (then ``num_patches`` rows in the network's token order, never resampled).
         length: L.
-        ctx: runtime grid recorded by the probe (shared by the layers of one adapter).
-        model_grid: the patch grid of the network this adapter is attached to (None if unknown).
+        tokens: splits the runtime sequence into prefix and patch grid (shared by the layers of one adapter,
+            follows the patch embedding's input).
+        num_patches: number of patch rows when ``grid`` is None.
         kind: ``"monai"`` (SABlock) or ``"timm"`` (Attention).
     """
 
     def __init__(
         self,
         num_prefix_tokens: int,
-        grid: tuple[int, ...],
+        grid: tuple[int, ...] | None,
         length: int,
-        ctx: _GridContext,
+        tokens: TokenGrid,
         *,
-        model_grid: tuple[int, ...] | None,
+        num_patches: int | None = None,
         kind: str,
         embedding: str = "pure_cat",
         impl: str = "auto",
@@ -249,16 +269,18 @@ class EPTPrompt(nn.Module):
         std: float = 0.02,
     ) -> None:
         super().__init__()
+        if grid is None and num_patches is None:
+            raise ConfigError("ept: the prompt rows need a patch grid or a patch count")
         self.num_prefix_tokens = num_prefix_tokens
-        self.grid = tuple(grid)
+        self.grid = tuple(grid) if grid is not None else None
+        self.num_patches = math.prod(self.grid) if self.grid is not None else int(num_patches or 0)
         self.length = length
-        self.ctx = ctx
-        self.model_grid = tuple(model_grid) if model_grid is not None else None
+        self.tokens = tokens
         self.kind = kind
         self.embedding = embedding
         self.impl = impl
         self.resample_mode = resample_mode
-        rows = num_prefix_tokens + math.prod(self.grid)
+        rows = num_prefix_tokens + self.num_patches
         self.prompt = nn.Parameter(torch.empty(rows, length))
         if init == "normal":
             nn.init.normal_(self.prompt, std=std)
@@ -276,79 +298,29 @@ class EPTPrompt(nn.Module):
             return False
         return base_uses_sdpa and self.embedding == "pure_cat"
 
-    def runtime_grid(self, n_patches: int) -> tuple[int, ...] | None:
-        """The patch grid of ``n_patches`` runtime patch tokens (None: use the rows as they are)."""
-        where = f"{n_patches} patch tokens (+{self.num_prefix_tokens} prefix)"
-        seen = self.ctx.grid
-        if seen is not None:
-            if math.prod(seen) != n_patches:
-                raise InputDataError(
-                    f"ept: {where} do not match the {'x'.join(map(str, seen))} patch grid of this input. EPT needs one "
-                    "token per patch position (MaskedAutoEncoderViT's random masking and timm's patch_drop remove tokens)"
-                )
-            return seen
-        if self.model_grid is not None and math.prod(self.model_grid) == n_patches:
-            return self.model_grid
-        if n_patches == math.prod(self.grid):
-            return None
-        d = len(self.grid)
-        s = (n_patches / math.prod(self.grid)) ** (1.0 / d)
-        guess = tuple(round(g * s) for g in self.grid)
-        if math.prod(guess) == n_patches:
-            return guess
-        raise InputDataError(
-            f"ept: the prompt has rows for a {'x'.join(map(str, self.grid))} patch grid and the input has {where}; the "
-            "runtime grid is unknown (no patch embedding was found to read it from) and not an isotropic rescaling"
-        )
-
     def logits(self, n_tokens: int) -> torch.Tensor:
-        """Prompt logits ``(n_tokens, L)`` for a sequence of ``n_tokens`` tokens."""
+        """Prompt logits ``(n_tokens, L)`` for a sequence of ``n_tokens`` tokens (rows resampled to its grid)."""
         k = self.num_prefix_tokens
-        if n_tokens <= k:
-            raise InputDataError(f"ept: {n_tokens} tokens cannot hold {k} prefix tokens and a patch grid")
-        grid = self.runtime_grid(n_tokens - k)
-        if grid is None or grid == self.grid:
+        prefix, grid = self.tokens.split(n_tokens)
+        if prefix != k:
+            raise InputDataError(
+                f"ept: this sequence has {prefix} token(s) before its {'x'.join(map(str, grid))} patch grid and the "
+                f"prompt has rows for {k}; EPT needs one prompt row per token position (MaskedAutoEncoderViT's random "
+                "masking and timm's patch_drop remove tokens; inserted tokens need num_prefix_tokens)"
+            )
+        if grid == self.grid or (self.grid is None and math.prod(grid) == self.num_patches):
             return self.prompt
+        if self.grid is None:
+            raise InputDataError(
+                f"ept: the prompt has rows for the {self.num_patches} patches of the network it was made for, whose grid "
+                f"the network does not store, and this input has a {'x'.join(map(str, grid))} grid; create the adapter "
+                "with EPTConfig(prompt_grid=[patches per spatial axis]) to let its rows be resampled"
+            )
         rows = resample_prompt_rows(self.prompt[k:], self.grid, grid, self.resample_mode)
         return torch.cat([self.prompt[:k], rows], dim=0)
 
     def extra_repr(self) -> str:
         return f"prefix={self.num_prefix_tokens}, grid={self.grid}, length={self.length}, embedding={self.embedding!r}"
-
-
-class GridProbe(nn.Module):
-    """Records ``size // patch`` (``ceil`` with dynamic padding) of the patch embedding's input."""
-
-    def __init__(self, ctx: _GridContext, patch_size: tuple[int, ...], dynamic_pad: bool = False) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.patch_size = tuple(patch_size)
-        self.dynamic_pad = dynamic_pad
-
-    def record(self, x: Any) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != len(self.patch_size) + 2:
-            self.ctx.grid = None
-            return
-        sizes = x.shape[2:]
-        if self.dynamic_pad:
-            self.ctx.grid = tuple(-(-int(s) // p) for s, p in zip(sizes, self.patch_size))
-        else:
-            self.ctx.grid = tuple(int(s) // p for s, p in zip(sizes, self.patch_size))
-
-    def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}"
-
-
-class GridProbeLayer(ForwardingAdapterLayer):
-    """Wraps the patch embedding; the active :class:`GridProbe` records the runtime patch grid."""
-
-    method_name = "ept"
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        probe = self.active()
-        if probe is not None:
-            probe.record(x)
-        return self.base_layer(x, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +404,7 @@ def _timm_forward(
     return m.proj_drop(m.proj(y))
 
 
-class EPTAttentionLayer(ForwardingAdapterLayer):
+class EPTAttentionLayer(AdapterLayer):
     """Wraps a global self-attention layer and runs it with the active :class:`EPTPrompt` embedded in
     its softmax (base behaviour when no EPT adapter is active)."""
 
@@ -451,47 +423,89 @@ class EPTAttentionLayer(ForwardingAdapterLayer):
 # ---------------------------------------------------------------------------------------------
 # tuner
 # ---------------------------------------------------------------------------------------------
-class EPTTuner(BaseTuner):
+@dataclass(frozen=True)
+class _EPTTarget:
+    """Plan context of one prompted attention layer."""
+
+    kind: str
+    geometry: TokenGeometry
+    rows_grid: tuple[int, ...] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        grid = list(self.rows_grid) if self.rows_grid else None
+        return {"kind": self.kind, "tokens": self.geometry.to_dict(), "prompt_grid": grid}
+
+
+_GRID_HINT = (
+    "pass EPTConfig(prompt_grid=[patches per spatial axis]) and, if it has CLS/register tokens, num_prefix_tokens"
+)
+
+
+class EPTTuner(PromptTuner):
     """Wraps the prompted attention layers with :class:`EPTAttentionLayer` and the patch embedding
-    with :class:`GridProbeLayer` (to read the runtime patch grid)."""
+    with :class:`~monai_peft.methods.token_geometry.GridProbeLayer` (to read the runtime patch grid)."""
 
     config_cls = EPTConfig
     config: EPTConfig
 
-    def _plan(self, model: nn.Module) -> tuple[list[str], list[int], TokenLayout, int, tuple[int, ...]]:
+    def targets(self, model: nn.Module) -> list[str]:
+        return find_attention_modules(model, self.config, self.method)
+
+    def plan(self, model: nn.Module) -> list[PlanItem]:
         cfg = self.config
-        attns = find_attention_modules(model, cfg, self.method)
+        attns = self.targets(model)
         prompted = prompted_indices(cfg.layers, cfg.deep, len(attns), self.method)
-        layout = token_layout(model, attns[0])
-        prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else layout.num_prefix_tokens
-        grid = tuple(cfg.prompt_grid) if cfg.prompt_grid is not None else layout.grid
-        if grid is None:
+        geo = self.geometry(model, attns)
+        rows_grid = tuple(cfg.prompt_grid) if cfg.prompt_grid is not None else (geo.grid or geo.native_grid)
+        if rows_grid is None and geo.num_patches is None:
             raise ConfigError(
                 f"ept: cannot read the patch grid of {type(innermost(model)).__name__} (EPT has one prompt row per token "
-                "position); pass EPTConfig(prompt_grid=[patches per spatial axis]) and, if it has CLS/register tokens, "
-                "num_prefix_tokens"
+                f"position); {_GRID_HINT}"
             )
-        return attns, prompted, layout, prefix, grid
-
-    def check_applicable(self, model: nn.Module) -> None:
-        self._plan(model)
-
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
-        cfg = self.config
-        attns, prompted, layout, prefix, grid = self._plan(model)
-        # record the resolved layout in the config: a saved adapter then rebuilds the same shapes
-        cfg.prompt_grid = list(grid)
-        cfg.num_prefix_tokens = prefix
-        ctx = _GridContext()
-        if layout.patch_embed is not None and layout.patch_size is not None:
-            wrap_module(model, layout.patch_embed, GridProbeLayer, adapter_name, GridProbe(ctx, layout.patch_size, layout.dynamic_pad))
+        if geo.spatial_dims is None:
+            if rows_grid is None:
+                raise ConfigError(
+                    f"ept: the rank of the token grid of {type(innermost(model)).__name__} is unknown; {_GRID_HINT}"
+                )
+            geo = replace(geo, spatial_dims=len(rows_grid))
+        items = []
         for i in prompted:
-            kind = attention_kind(get_submodule(model, attns[i]))
-            adapter = EPTPrompt(
-                prefix, grid, cfg.prompt_length, ctx, model_grid=layout.grid, kind=str(kind), embedding=cfg.embedding,
-                impl=cfg.attention_impl, resample_mode=cfg.resample_mode, init=cfg.prompt_init, std=cfg.init_std,
+            module = innermost(get_submodule(model, attns[i]))
+            items.append(
+                PlanItem(attns[i], module, EPTAttentionLayer, _EPTTarget(str(attention_kind(module)), geo, rows_grid))
             )
-            wrap_module(model, attns[i], EPTAttentionLayer, adapter_name, adapter)
+        return items
+
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> dict[str, GridContext]:
+        return attach_grid_probes(model, [plan[0].context.geometry], adapter_name)
+
+    def build(self, item: PlanItem, shared: dict[str, GridContext]) -> nn.Module:
+        cfg = self.config
+        t: _EPTTarget = item.context
+        geo = t.geometry
+        ctx = shared.get(geo.patch_embed) if geo.patch_embed is not None else None
+        static = geo.grid if geo.grid is not None or ctx is not None else t.rows_grid
+        tokens = TokenGrid(int(geo.spatial_dims or 2), static, geo.num_prefix_tokens, ctx, _GRID_HINT)
+        return EPTPrompt(
+            geo.num_prefix_tokens,
+            t.rows_grid,
+            cfg.prompt_length,
+            tokens,
+            num_patches=geo.num_patches,
+            kind=t.kind,
+            embedding=cfg.embedding,
+            impl=cfg.attention_impl,
+            resample_mode=cfg.resample_mode,
+            init=cfg.prompt_init,
+            std=cfg.init_std,
+        )
+
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        t: _EPTTarget = plan[0].context
+        return {
+            "num_prefix_tokens": t.geometry.num_prefix_tokens,
+            "prompt_grid": list(t.rows_grid) if t.rows_grid else None,
+        }
 
 
 register_method("ept", EPTConfig, EPTTuner)

@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import MethodNotApplicableError
-from monai_peft.methods.base import AdapterLayer, WrappingTuner
-from monai_peft.methods.lora import _MergeDeltaMixin
+from monai_peft.methods.base import AdapterLayer, PlanItem, WrappingTuner
+from monai_peft.methods.common import MergeDeltaMixin
 from monai_peft.registry import register_method
 from monai_peft.targeting import innermost
 
@@ -158,7 +159,7 @@ class FacTAdapter(nn.Module):
         return w * self.scale
 
 
-class FacTLinear(_MergeDeltaMixin, AdapterLayer):
+class FacTLinear(MergeDeltaMixin, AdapterLayer):
     """``nn.Linear`` + FacT update. Input (..., in) -> output (..., out). Mergeable exactly."""
 
     mergeable = True
@@ -176,20 +177,17 @@ class FacTTuner(WrappingTuner):
     """FacT on the Linear layers of every ViT block (preset role ``linears``)."""
 
     config_cls = FacTConfig
-    default_roles = ("linears",)
-    applies_to = "the nn.Linear layers of transformer blocks (q, k, v / fused qkv, proj, fc1, fc2) sharing one hidden size"
+    default_roles = ("linear",)
+    applies_to = (
+        "the nn.Linear layers of transformer blocks (q, k, v / fused qkv, proj, fc1, fc2) sharing one hidden size"
+    )
     config: FacTConfig
-
-    def __init__(self, config: FacTConfig) -> None:
-        super().__init__(config)
-        self._shared: FacTShared | None = None
-        self._blocks: dict[str, tuple[int, int, int]] = {}
 
     def resolve(self, model: nn.Module, *default_roles: str) -> list[str]:
         cfg = self.config
         if cfg.target_modules is None and not cfg.target_types:
             preset = self.preset(model)
-            if preset is not None and preset.role("linears") is None:
+            if preset is not None and preset.role("linear") is None:
                 raise MethodNotApplicableError(
                     f"fact factorises the weight updates of the Linear layers of transformer blocks (shared U, V across "
                     f"layers); {type(innermost(model)).__name__} (preset {preset.name}) has no transformer linears"
@@ -199,14 +197,22 @@ class FacTTuner(WrappingTuner):
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
         return FacTLinear if isinstance(module, nn.Linear) else None
 
-    def slices(self, plan: list[tuple[str, nn.Module, type[AdapterLayer]]]) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    def plan(self, model: nn.Module) -> list[PlanItem]:
+        """Plan items whose context is ``(a, b, offset)``: the target's ``d x d`` blocks and its first core index."""
+        items = super().plan(model)
+        d, slices = self.slices(items)
+        return [PlanItem(i.name, i.module, i.layer_cls, (d, *slices[i.name])) for i in items]
+
+    def slices(self, plan: list[PlanItem]) -> tuple[int, dict[str, tuple[int, int, int]]]:
         """Hidden size d and, per target, (a, b, offset) of its d x d slices."""
-        widths = [w for _, m, _ in plan for w in (m.in_features, m.out_features)]
+        widths = [w for i in plan for w in (i.module.in_features, i.module.out_features)]
         d = self.config.hidden_size or min(widths)
         bad = [
-            f"{n} ({m.in_features} -> {m.out_features})"
-            for n, m, _ in plan
-            if m.in_features % d or m.out_features % d or min(m.in_features, m.out_features) != d
+            f"{i.name} ({i.module.in_features} -> {i.module.out_features})"
+            for i in plan
+            if i.module.in_features % d
+            or i.module.out_features % d
+            or min(i.module.in_features, i.module.out_features) != d
         ]
         if bad:
             raise MethodNotApplicableError(
@@ -216,29 +222,31 @@ class FacTTuner(WrappingTuner):
             )
         out: dict[str, tuple[int, int, int]] = {}
         offset = 0
-        for name, m, _ in plan:
-            a, b = m.in_features // d, m.out_features // d
-            out[name] = (a, b, offset)
+        for i in plan:
+            a, b = i.module.in_features // d, i.module.out_features // d
+            out[i.name] = (a, b, offset)
             offset += a * b
         return d, out
 
-    def check_applicable(self, model: nn.Module) -> None:
-        self.slices(self.plan(model))
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> FacTShared:
+        """The factors U, V (and the core) shared by every layer of this adapter."""
+        d = plan[0].context[0]
+        n = sum(i.context[1] * i.context[2] for i in plan)
+        return FacTShared(d, self.config.r, self.config.variant, n)
 
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
-        cfg = self.config
-        d, self._blocks = self.slices(self.plan(model))
-        n = sum(a * b for a, b, _ in self._blocks.values())
-        self._shared = FacTShared(d, cfg.r, cfg.variant, n)
-        try:
-            super().inject(model, adapter_name)
-        finally:
-            self._shared = None
+    def build(self, item: PlanItem, shared: FacTShared) -> nn.Module:
+        _, a, b, offset = item.context
+        return FacTAdapter(shared, a, b, offset, self.config.scale, self.config.dropout)
 
-    def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
-        assert self._shared is not None
-        a, b, offset = self._blocks[name]
-        return FacTAdapter(self._shared, a, b, offset, self.config.scale, self.config.dropout)
+    def item_info(self, item: PlanItem) -> dict[str, Any]:
+        d, a, b, offset = item.context
+        return {
+            "layer": item.layer_cls.__name__,
+            "hidden_size": d,
+            "blocks_in": a,
+            "blocks_out": b,
+            "core_offset": offset,
+        }
 
 
 register_method("fact", FacTConfig, FacTTuner)

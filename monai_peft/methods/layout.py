@@ -49,7 +49,9 @@ def channel_dim_of(module: nn.Module) -> int:
     """-1 for Linear/LayerNorm outputs, 1 for convolution/BatchNorm/GroupNorm/InstanceNorm."""
     layout = _leaf_layout(module)
     if layout is None:
-        raise TargetingError(f"cannot tell the channel axis of {type(module).__name__}; target Linear, conv or norm layers")
+        raise TargetingError(
+            f"cannot tell the channel axis of {type(module).__name__}; target Linear, conv or norm layers"
+        )
     return layout.channel_dim
 
 

@@ -36,14 +36,21 @@ from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import ConfigError, TargetingError
-from monai_peft.methods.base import AdapterLayer, WrappingTuner
+from monai_peft.methods.base import AdapterLayer, PlanItem, WrappingTuner
+from monai_peft.methods.common import CONV, CONVT, MergeDeltaMixin, conv_forward_with
 from monai_peft.registry import register_method
-from monai_peft.targeting import get_preset, innermost
+from monai_peft.targeting import get_submodule, innermost
 
-__all__ = ["LoraConfig", "LoraConv", "LoraFusedQKV", "LoraLinear", "LoraTuner", "qkv_rows", "register_qkv_layout"]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+__all__ = [
+    "LoraConfig",
+    "LoraConv",
+    "LoraFusedQKV",
+    "LoraLinear",
+    "LoraTuner",
+    "conv_forward_with",
+    "qkv_rows",
+    "register_qkv_layout",
+]
 
 
 @dataclass
@@ -147,7 +154,9 @@ def qkv_rows(parent: nn.Module | None, linear: nn.Linear) -> dict[str, torch.Ten
             return {k: torch.as_tensor(v, dtype=torch.long) for k, v in layout(parent, linear).items()}
     out = linear.out_features
     if out % 3:
-        raise TargetingError(f"a fused qkv Linear needs out_features divisible by 3 (or a registered layout), got {out}")
+        raise TargetingError(
+            f"a fused qkv Linear needs out_features divisible by 3 (or a registered layout), got {out}"
+        )
     c = out // 3
     return {s: torch.arange(i * c, (i + 1) * c) for i, s in enumerate("qkv")}
 
@@ -161,7 +170,9 @@ class LoraFusedQKVAdapter(LoraLinearAdapter):
     head-major one) and zeros elsewhere, so the other slices get exactly nothing.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, slices: str, rows: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, config: LoraConfig, slices: str, rows: dict[str, torch.Tensor]
+    ) -> None:
         nn.Module.__init__(self)
         self.scaling = config.scaling
         self.slices = "".join(s for s in "qkv" if s in slices)
@@ -181,7 +192,9 @@ class LoraFusedQKVAdapter(LoraLinearAdapter):
         b_full = self.lora_B[self.slices[0]].new_zeros(self.out_features, n * self.r)
         for j, s in enumerate(self.slices):
             b = self.lora_B[s]
-            block = torch.cat([b.new_zeros(b.shape[0], self.r * j), b, b.new_zeros(b.shape[0], self.r * (n - j - 1))], dim=1)
+            block = torch.cat(
+                [b.new_zeros(b.shape[0], self.r * j), b, b.new_zeros(b.shape[0], self.r * (n - j - 1))], dim=1
+            )
             b_full = b_full.index_copy(0, getattr(self, f"rows_{s}"), block)
         return a, b_full
 
@@ -203,21 +216,7 @@ class LoraConvAdapter(nn.Module):
         return (self.lora_B @ self.lora_A).view(self.weight_shape) * self.scaling
 
 
-class _MergeDeltaMixin:
-    """Merge = add the adapter's ``delta_weight()`` to the innermost base weight."""
-
-    def merge_adapter_into_base(self, adapter: nn.Module) -> None:
-        base = innermost(self.base_layer)
-        with torch.no_grad():
-            base.weight += adapter.delta_weight().to(base.weight.dtype)
-
-    def unmerge_adapter_from_base(self, adapter: nn.Module) -> None:
-        base = innermost(self.base_layer)
-        with torch.no_grad():
-            base.weight -= adapter.delta_weight().to(base.weight.dtype)
-
-
-class LoraLinear(_MergeDeltaMixin, AdapterLayer):
+class LoraLinear(MergeDeltaMixin, AdapterLayer):
     """``nn.Linear`` + LoRA. Input (..., in) -> output (..., out)."""
 
     mergeable = True
@@ -235,23 +234,7 @@ class LoraFusedQKV(LoraLinear):
     """Fused qkv ``nn.Linear`` + LoRA on some of its q/k/v slices."""
 
 
-def conv_forward_with(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, output_size: Any = None) -> torch.Tensor:
-    """Run convolution module ``conv``'s operation with another ``weight``/``bias``.
-
-    Keeps every hyper-parameter of ``conv`` (stride, padding, dilation, groups, padding_mode,
-    output_padding / ``output_size`` for transposed convolutions).
-    """
-    if isinstance(conv, _CONV_TYPES):
-        return conv._conv_forward(x, weight, bias)
-    if isinstance(conv, _CONVT_TYPES):
-        nd = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[type(conv)]
-        output_padding = conv._output_padding(x, output_size, conv.stride, conv.padding, conv.kernel_size, nd, conv.dilation)
-        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-        return fn(x, weight, bias, conv.stride, conv.padding, output_padding, conv.groups, conv.dilation)
-    raise TypeError(f"not a convolution: {type(conv).__name__}")
-
-
-class LoraConv(_MergeDeltaMixin, AdapterLayer):
+class LoraConv(MergeDeltaMixin, AdapterLayer):
     """Convolution / transposed convolution (1D, 2D, 3D) + LoRA on its weight tensor.
 
     Input (B, C_in, *spatial) -> output (B, C_out, *spatial_out), as the base layer.
@@ -272,59 +255,80 @@ class LoraConv(_MergeDeltaMixin, AdapterLayer):
         return conv_forward_with(conv, x, conv.weight + delta, conv.bias, output_size)
 
 
+@dataclass(frozen=True)
+class _QKVContext:
+    """Plan context of a fused qkv target: the slices that get an update and their output rows."""
+
+    slices: str
+    rows: dict[str, torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"qkv_slices": self.slices}
+
+
 class LoraTuner(WrappingTuner):
-    """Wraps Linear / fused-qkv Linear / convolution targets with LoRA layers."""
+    """Wraps Linear / fused-qkv Linear / convolution targets with LoRA layers.
+
+    With ``target_modules=None`` the targets are the preset's ``qkv`` role (fused qkv slices ``"qv"``
+    unless the preset's ``qkv_slices`` says otherwise, e.g. all of q, k, v on diffusion U-Nets), else
+    its ``conv`` role.
+    """
 
     config_cls = LoraConfig
-    default_roles = ("qkv", "convs")
+    default_roles = ("qkv", "conv")
     applies_to = "nn.Linear (incl. fused qkv slices), nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d"
     config: LoraConfig
 
-    def _slices(self, model: nn.Module) -> str | None:
+    def slices_for(self, model: nn.Module) -> str | None:
+        """The fused-qkv slices this config adapts on ``model`` (None: whole layers)."""
         cfg = self.config
         if cfg.qkv_slices is not None:
             return cfg.qkv_slices
-        preset = get_preset(model)
+        preset = self.preset(model)
         using_preset_qkv = (
-            cfg.target_modules is None and not cfg.target_types and preset is not None and preset.role("qkv") is not None
+            cfg.target_modules is None
+            and not cfg.target_types
+            and preset is not None
+            and preset.role("qkv") is not None
         )
-        if not using_preset_qkv:
-            return None
-        return preset.method_defaults.get("lora", {}).get("qkv_slices", "qv")
+        return preset.qkv_slices if using_preset_qkv else None
 
     def is_fused_qkv(self, name: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in self.config.fused_qkv_names
 
     def layer_class(self, name: str, module: nn.Module) -> type[AdapterLayer] | None:
         if isinstance(module, nn.Linear):
-            return LoraFusedQKV if self._active_slices and self.is_fused_qkv(name, module) else LoraLinear
-        if isinstance(module, _CONV_TYPES + _CONVT_TYPES):
+            return LoraLinear
+        if isinstance(module, CONV + CONVT):
             return LoraConv
         return None
 
+    def plan_item(self, model: nn.Module, name: str, module: nn.Module) -> PlanItem | str:
+        slices = self.slices_for(model)
+        if slices and self.is_fused_qkv(name, module):
+            parent = innermost(get_submodule(model, name.rpartition(".")[0])) if "." in name else None
+            return PlanItem(name, module, LoraFusedQKV, _QKVContext(slices, qkv_rows(parent, module)))
+        return super().plan_item(model, name, module)
+
     def check_targets(self, model: nn.Module, names: list[str]) -> None:
-        if self.config.qkv_slices is not None:
-            from monai_peft.targeting import get_submodule
+        fused = any(self.is_fused_qkv(n, innermost(get_submodule(model, n))) for n in names)
+        if self.config.qkv_slices is not None and not fused:
+            raise ConfigError(
+                f"qkv_slices={self.config.qkv_slices!r} but no targeted module is a fused qkv Linear "
+                f"(last name component in {self.config.fused_qkv_names}); targets were {names[:5]}"
+            )
 
-            if not any(self.is_fused_qkv(n, innermost(get_submodule(model, n))) for n in names):
-                raise ConfigError(
-                    f"qkv_slices={self.config.qkv_slices!r} but no targeted module is a fused qkv Linear "
-                    f"(last name component in {self.config.fused_qkv_names}); targets were {names[:5]}"
-                )
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        fused = [item.context.slices for item in plan if isinstance(item.context, _QKVContext)]
+        return {"qkv_slices": fused[0] if fused else None}
 
-    def plan(self, model: nn.Module) -> list[tuple[str, nn.Module, type[AdapterLayer]]]:
-        self._active_slices = self._slices(model)
-        self._model = model
-        return super().plan(model)
-
-    def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
-        if layer_cls is LoraFusedQKV:
-            from monai_peft.targeting import get_submodule
-
-            parent = innermost(get_submodule(self._model, name.rpartition(".")[0])) if "." in name else None
-            rows = qkv_rows(parent, module)
-            return LoraFusedQKVAdapter(module.in_features, module.out_features, self.config, self._active_slices, rows)
-        if layer_cls is LoraLinear:
+    def build(self, item: PlanItem, shared: Any) -> nn.Module:
+        module = item.module
+        if isinstance(item.context, _QKVContext):
+            return LoraFusedQKVAdapter(
+                module.in_features, module.out_features, self.config, item.context.slices, item.context.rows
+            )
+        if item.layer_cls is LoraLinear:
             return LoraLinearAdapter(module.in_features, module.out_features, self.config)
         return LoraConvAdapter(module.weight.shape, self.config)
 

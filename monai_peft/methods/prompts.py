@@ -53,25 +53,26 @@ from torch import nn
 
 from monai_peft.config import PeftConfig
 from monai_peft.errors import ConfigError, InputDataError, MethodNotApplicableError, TargetingError
-from monai_peft.methods.base import AdapterLayer, BaseTuner
+from monai_peft.methods.base import AdapterLayer, PlanItem, WrappingTuner
+from monai_peft.methods.common import CONV
+from monai_peft.methods.token_geometry import TokenGeometry, token_geometry
 from monai_peft.registry import register_method
 from monai_peft.targeting import (
     TargetSpec,
     canonical_named_modules,
+    exact_patterns,
     find_targets,
     get_preset,
     get_submodule,
     innermost,
-    set_submodule,
 )
 
 __all__ = [
     "AdditivePromptLayer",
-    "ForwardingAdapterLayer",
     "AdditiveTokenPrompt",
     "PixelPadPrompt",
     "PixelPromptLayer",
-    "TokenLayout",
+    "PromptTuner",
     "TokenPromptLayer",
     "VPConfig",
     "VPTConfig",
@@ -82,7 +83,7 @@ __all__ = [
     "find_attention_modules",
     "find_transformer_blocks",
     "prompted_indices",
-    "token_layout",
+    "token_dim",
 ]
 
 _CARRY_ATTR = "_monai_peft_prompt_carry"
@@ -125,7 +126,9 @@ def _describe(model: nn.Module) -> str:
             f"{type(net).__name__} (it has supported attention layers, e.g. {known[:3]}, but not where this method looks: "
             "pass target_modules naming them, or their blocks for vpt/vp)"
         )
-    kinds = sorted({type(m).__name__ for _, m in canonical_named_modules(net) if "attention" in type(m).__name__.lower()})
+    kinds = sorted(
+        {type(m).__name__ for _, m in canonical_named_modules(net) if "attention" in type(m).__name__.lower()}
+    )
     if kinds:
         return (
             f"{type(net).__name__} (its attention layers are {kinds}; supported are MONAI SABlock and timm.layers.Attention, "
@@ -149,9 +152,9 @@ def _preset_or_duck(model: nn.Module, config: PeftConfig, role: str, pattern: re
         exclude: Any = spec.exclude
         if config.exclude_modules is not None:
             extra = config.exclude_modules
-            exclude = ([] if exclude is None else ([f"re:{exclude}"] if isinstance(exclude, str) else list(exclude))) + (
-                [f"re:{extra}"] if isinstance(extra, str) else list(extra)
-            )
+            exclude = (
+                [] if exclude is None else ([f"re:{exclude}"] if isinstance(exclude, str) else list(exclude))
+            ) + ([f"re:{extra}"] if isinstance(extra, str) else list(extra))
         try:
             return find_targets(model, TargetSpec(spec.modules, spec.types, exclude))
         except TargetingError:
@@ -180,7 +183,9 @@ def find_transformer_blocks(model: nn.Module, config: PeftConfig, method: str) -
     if explicit and bad:
         raise MethodNotApplicableError(f"{method} cannot prompt {', '.join(bad[:6])}: it needs {needs}")
     if not good:
-        raise MethodNotApplicableError(f"{method} found no transformer block to prompt in {_describe(model)}; it needs {needs}")
+        raise MethodNotApplicableError(
+            f"{method} found no transformer block to prompt in {_describe(model)}; it needs {needs}"
+        )
     return good
 
 
@@ -194,7 +199,9 @@ def find_attention_modules(model: nn.Module, config: PeftConfig, method: str) ->
     if explicit and bad:
         raise MethodNotApplicableError(f"{method} cannot adapt {', '.join(bad[:6])}: it needs {needs}")
     if not good:
-        raise MethodNotApplicableError(f"{method} found no attention layer to prompt in {_describe(model)}; it needs {needs}")
+        raise MethodNotApplicableError(
+            f"{method} found no attention layer to prompt in {_describe(model)}; it needs {needs}"
+        )
     return good
 
 
@@ -210,93 +217,6 @@ def prompted_indices(layers: list[int] | None, deep: bool, n: int, method: str) 
     return sorted(out)
 
 
-@dataclass
-class TokenLayout:
-    """Where the tokens of a ViT-like network come from.
-
-    Attributes:
-        owner: canonical name of the module that holds ``blocks`` (None if unknown).
-        num_prefix_tokens: CLS / register tokens before the patch tokens.
-        patch_embed: canonical name of the patch embedding module, or None.
-        patch_size: patch size per spatial axis, or None.
-        grid: the network's patch grid (tokens per spatial axis), or None when unknown.
-        fan_in: fan-in of the patch projection (``C_in * prod(patch)``), or None.
-        dynamic_pad: timm ``dynamic_img_pad`` (grid = ceil(size / patch)).
-    """
-
-    owner: str | None
-    num_prefix_tokens: int
-    patch_embed: str | None
-    patch_size: tuple[int, ...] | None
-    grid: tuple[int, ...] | None
-    fan_in: int | None
-    dynamic_pad: bool = False
-
-
-def _owner_name(name: str) -> str | None:
-    parts = name.split(".")
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "blocks" and parts[i + 1].isdigit():
-            return ".".join(parts[:i])
-    return None
-
-
-def _as_tuple(v: Any) -> tuple[int, ...] | None:
-    if isinstance(v, int):
-        return (int(v),)
-    if isinstance(v, (tuple, list)) and v and all(isinstance(i, (int,)) or hasattr(i, "__index__") for i in v):
-        return tuple(int(i) for i in v)
-    return None
-
-
-def token_layout(model: nn.Module, target: str) -> TokenLayout:
-    """Prefix-token count, patch embedding, patch size and grid of the network around ``target``."""
-    owner_name = _owner_name(target)
-    owner = innermost(get_submodule(model, owner_name)) if owner_name is not None else innermost(model)
-    root = innermost(model)
-    n_prefix = getattr(owner, "num_prefix_tokens", None)
-    if not isinstance(n_prefix, int):
-        n_prefix = 1 if isinstance(getattr(owner, "cls_token", None), torch.Tensor) else 0
-    pe_name = None
-    for attr in ("patch_embedding", "patch_embed"):
-        if isinstance(getattr(owner, attr, None), nn.Module):
-            pe_name = f"{owner_name}.{attr}" if owner_name else attr
-            break
-    pe = innermost(get_submodule(model, pe_name)) if pe_name is not None else None
-    patch = fan_in = None
-    if pe is not None:
-        patch = _as_tuple(getattr(pe, "patch_size", None))
-        for _, m in canonical_named_modules(pe):
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                fan_in = int(m.weight[0].numel())
-                if patch is None and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                    patch = tuple(int(k) for k in m.kernel_size)
-                break
-            lengths = getattr(m, "axes_lengths", None)  # einops Rearrange of MONAI's "perceptron" embedding
-            if patch is None and isinstance(lengths, dict) and all(k.startswith("p") for k in lengths):
-                patch = tuple(int(lengths[k]) for k in sorted(lengths))
-    if patch is None:
-        patch = _as_tuple(getattr(owner, "patch_size", None))
-    grid = _as_tuple(getattr(pe, "grid_size", None)) if pe is not None else None
-    if grid is None:
-        img = _as_tuple(getattr(owner, "img_size", None))
-        if img is not None and patch is not None and len(img) == len(patch):
-            grid = tuple(i // p for i, p in zip(img, patch))
-    if grid is None:
-        for holder in (owner, root):
-            grid = _as_tuple(getattr(holder, "feat_size", None))
-            if grid is not None:
-                break
-    if grid is None and pe is not None and patch is not None:
-        n = getattr(pe, "n_patches", None) or getattr(pe, "num_patches", None)
-        if n is not None:
-            d = len(patch)
-            side = round(float(n) ** (1.0 / d))
-            if side**d == int(n):
-                grid = (side,) * d
-    return TokenLayout(owner_name, int(n_prefix), pe_name, patch, grid, fan_in, bool(getattr(pe, "dynamic_img_pad", False)))
-
-
 def token_dim(block: nn.Module) -> int:
     """Token width ``d`` of a transformer block (its first LayerNorm, else its attention input)."""
     block = innermost(block)
@@ -309,17 +229,6 @@ def token_dim(block: nn.Module) -> int:
         if isinstance(lin, nn.Linear):
             return lin.in_features
     raise TargetingError(f"cannot tell the token width of {type(block).__name__}")
-
-
-def wrap_module(model: nn.Module, name: str, layer_cls: type[AdapterLayer], adapter_name: str, adapter: nn.Module) -> None:
-    """Wrap ``name`` with ``layer_cls`` (or reuse an existing such wrapper) and add ``adapter``."""
-    current = get_submodule(model, name)
-    if isinstance(current, layer_cls):
-        layer = current
-    else:
-        layer = layer_cls(current)
-        set_submodule(model, name, layer)
-    layer.add_adapter(adapter_name, adapter)
 
 
 def _init_prompt(t: torch.Tensor, how: str, std: float, bound: float) -> None:
@@ -350,20 +259,6 @@ def _extend_key_mask(kwargs: dict[str, Any], prefix: int, length: int, method: s
 # ---------------------------------------------------------------------------------------------
 # VPT
 # ---------------------------------------------------------------------------------------------
-class ForwardingAdapterLayer(AdapterLayer):
-    """An :class:`AdapterLayer` whose unknown attributes are read from the wrapped module, so that
-    networks that read attributes of their sub-modules (timm's ``patch_embed.grid_size``,
-    ``attn.fused_attn`` ...) keep working after wrapping."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapters") or name.startswith("__"):
-                raise
-            return getattr(self.base_layer, name)
-
-
 class _Chain:
     """Identity of one VPT adapter's chain of wrapped blocks (marks the carried prompt outputs)."""
 
@@ -406,7 +301,9 @@ class VPTPrompt(nn.Module):
 
     def run(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if not (isinstance(x, torch.Tensor) and x.dim() == 3):
-            raise InputDataError(f"vpt expects block inputs of shape (batch, tokens, channels), got {getattr(x, 'shape', type(x))}")
+            raise InputDataError(
+                f"vpt expects block inputs of shape (batch, tokens, channels), got {getattr(x, 'shape', type(x))}"
+            )
         carry = getattr(x, _CARRY_ATTR, None)
         carried = carry[1] if carry is not None and carry[0] is self.chain else None
         if self.prompt is not None:
@@ -419,7 +316,9 @@ class VPTPrompt(nn.Module):
         xin = torch.cat([x[:, :k], prompts, x[:, k:]], dim=1)
         y = block(xin, *args, **_extend_key_mask(kwargs, k, n, "vpt"))
         if not (isinstance(y, torch.Tensor) and y.shape[:2] == xin.shape[:2]):
-            raise InputDataError(f"vpt: the block returned {getattr(y, 'shape', type(y))} for an input of shape {tuple(xin.shape)}")
+            raise InputDataError(
+                f"vpt: the block returned {getattr(y, 'shape', type(y))} for an input of shape {tuple(xin.shape)}"
+            )
         out = torch.cat([y[:, :k], y[:, k + n :]], dim=1)
         if self.emit_carry:
             setattr(out, _CARRY_ATTR, (self.chain, y[:, k : k + n]))
@@ -429,7 +328,7 @@ class VPTPrompt(nn.Module):
         return f"length={self.length}, prefix={self.num_prefix_tokens}, own_prompt={self.prompt is not None}, emit_carry={self.emit_carry}"
 
 
-class TokenPromptLayer(ForwardingAdapterLayer):
+class TokenPromptLayer(AdapterLayer):
     """Wraps a transformer block for VPT: the active :class:`VPTPrompt` inserts its prompt tokens
     before the block and removes them after it."""
 
@@ -477,19 +376,30 @@ class VPTConfig(PeftConfig):
     def validate(self) -> None:
         _validate_common(self, ("uniform", "normal", "zeros"))
         self._require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
-        self._require(self.init_fan_in is None or (isinstance(self.init_fan_in, int) and self.init_fan_in > 0), "init_fan_in must be a positive int")
+        self._require(
+            self.init_fan_in is None or (isinstance(self.init_fan_in, int) and self.init_fan_in > 0),
+            "init_fan_in must be a positive int",
+        )
 
 
 def _validate_common(cfg: Any, inits: tuple[str, ...]) -> None:
-    cfg._require(isinstance(cfg.prompt_length, int) and cfg.prompt_length > 0, f"prompt_length must be a positive int, got {cfg.prompt_length!r}")
+    cfg._require(
+        isinstance(cfg.prompt_length, int) and cfg.prompt_length > 0,
+        f"prompt_length must be a positive int, got {cfg.prompt_length!r}",
+    )
     cfg._require(isinstance(cfg.deep, bool), f"deep must be True or False, got {cfg.deep!r}")
     if cfg.layers is not None:
         cfg._require(
-            isinstance(cfg.layers, (list, tuple)) and len(cfg.layers) > 0 and all(isinstance(i, int) for i in cfg.layers),
+            isinstance(cfg.layers, (list, tuple))
+            and len(cfg.layers) > 0
+            and all(isinstance(i, int) for i in cfg.layers),
             f"layers must be a non-empty list of layer indices, got {cfg.layers!r}",
         )
         cfg.layers = list(cfg.layers)
-        cfg._require(cfg.deep or len(set(cfg.layers)) == 1, "shallow prompting (deep=False) uses exactly one layer; set deep=True for several")
+        cfg._require(
+            cfg.deep or len(set(cfg.layers)) == 1,
+            "shallow prompting (deep=False) uses exactly one layer; set deep=True for several",
+        )
     cfg._require(cfg.prompt_init in inits, f"prompt_init must be one of {inits}, got {cfg.prompt_init!r}")
     cfg._require(cfg.init_std >= 0, "init_std must be >= 0")
     cfg._require(
@@ -498,41 +408,95 @@ def _validate_common(cfg: Any, inits: tuple[str, ...]) -> None:
     )
 
 
-def token_prompt_plan(model: nn.Module, cfg: VPTConfig | VPConfig, method: str) -> tuple[list[str], list[int], TokenLayout, int]:
-    """(transformer block names, indices of the prompted ones, token layout of the first, prefix token count)."""
-    blocks = find_transformer_blocks(model, cfg, method)
-    prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), method)
-    layout = token_layout(model, blocks[0])
-    prefix = cfg.num_prefix_tokens if cfg.num_prefix_tokens is not None else layout.num_prefix_tokens
-    return blocks, prompted, layout, prefix
+class PromptTuner(WrappingTuner):
+    """Shared shape of the prompt tuners (VPT, VP, EPT): :meth:`targets` finds the transformer modules the method
+    works on, :meth:`plan` picks the ones it wraps (:class:`~monai_peft.methods.base.PlanItem` s with their
+    context), :meth:`prepare` / :meth:`build` make the adapters, and the inherited ``inject`` wraps them.
+
+    The resolved plan names every target (not only the wrapped ones, so that ``layers`` keeps its meaning) and
+    records the network's prefix-token count.
+    """
+
+    def targets(self, model: nn.Module) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def geometry(self, model: nn.Module, targets: list[str]) -> TokenGeometry:
+        """Token geometry around the first target, with the config's prefix count."""
+        return token_geometry(model, targets[0], num_prefix_tokens=self.config.num_prefix_tokens)
+
+    def resolve_plan(self, model: nn.Module) -> tuple[PeftConfig, dict[str, Any]]:
+        plan = self.plan(model)
+        targets = self.targets(model)
+        fields = {
+            "target_modules": exact_patterns(model, targets),
+            "target_types": None,
+            "exclude_modules": None,
+            **self.resolved_fields(model, plan),
+        }
+        return self.config.replace(**fields), {"modules": {i.name: self.item_info(i) for i in plan}}
+
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        return {"num_prefix_tokens": self.geometry(model, self.targets(model)).num_prefix_tokens}
 
 
-class VPTTuner(BaseTuner):
+@dataclass(frozen=True)
+class _Prompted:
+    """Plan context of one prompted (or carrying) block."""
+
+    dim: int | None
+    prefix: int
+    fan_in: int
+    emit_carry: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dim": self.dim, "num_prefix_tokens": self.prefix, "own_prompt": self.dim is not None}
+
+
+class VPTTuner(PromptTuner):
     """Wraps the transformer blocks from the first prompted one on with :class:`TokenPromptLayer`."""
 
     config_cls = VPTConfig
     config: VPTConfig
 
-    def _plan(self, model: nn.Module) -> tuple[list[str], list[int], TokenLayout, int]:
-        return token_prompt_plan(model, self.config, self.method)
+    def targets(self, model: nn.Module) -> list[str]:
+        return find_transformer_blocks(model, self.config, self.method)
 
-    def check_applicable(self, model: nn.Module) -> None:
-        self._plan(model)
-
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
+    def plan(self, model: nn.Module) -> list[PlanItem]:
         cfg = self.config
-        blocks, prompted, layout, prefix = self._plan(model)
-        chain = _Chain()
+        blocks = self.targets(model)
+        prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), self.method)
+        geo = self.geometry(model, blocks)
+        items = []
         for i in range(prompted[0], len(blocks)):
             block = innermost(get_submodule(model, blocks[i]))
             d = token_dim(block)
-            fan_in = cfg.init_fan_in or layout.fan_in or d
-            adapter = VPTPrompt(
-                d if i in prompted else None, cfg.prompt_length, prefix, chain,
-                emit_carry=i + 1 < len(blocks) and (i + 1) not in prompted, dropout=cfg.dropout,
-                init=cfg.prompt_init, bound=math.sqrt(6.0 / (fan_in + d)), std=cfg.init_std,
+            ctx = _Prompted(
+                d if i in prompted else None,
+                geo.num_prefix_tokens,
+                cfg.init_fan_in or geo.fan_in or d,
+                emit_carry=i + 1 < len(blocks) and (i + 1) not in prompted,
             )
-            wrap_module(model, blocks[i], TokenPromptLayer, adapter_name, adapter)
+            items.append(PlanItem(blocks[i], block, TokenPromptLayer, ctx))
+        return items
+
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> _Chain:
+        return _Chain()
+
+    def build(self, item: PlanItem, shared: _Chain) -> nn.Module:
+        cfg = self.config
+        t: _Prompted = item.context
+        d = t.dim if t.dim is not None else token_dim(item.module)
+        return VPTPrompt(
+            t.dim,
+            cfg.prompt_length,
+            t.prefix,
+            shared,
+            emit_carry=t.emit_carry,
+            dropout=cfg.dropout,
+            init=cfg.prompt_init,
+            bound=math.sqrt(6.0 / (t.fan_in + d)),
+            std=cfg.init_std,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +505,17 @@ class VPTTuner(BaseTuner):
 class AdditiveTokenPrompt(nn.Module):
     """``L`` prompt vectors ``(L, d)`` added, tiled, to the patch tokens of a block's input."""
 
-    def __init__(self, dim: int, length: int, num_prefix_tokens: int, *, cover_remainder: bool, init: str, std: float, bound: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        length: int,
+        num_prefix_tokens: int,
+        *,
+        cover_remainder: bool,
+        init: str,
+        std: float,
+        bound: float,
+    ) -> None:
         super().__init__()
         self.length = length
         self.num_prefix_tokens = num_prefix_tokens
@@ -560,7 +534,9 @@ class AdditiveTokenPrompt(nn.Module):
 
     def run(self, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if not (isinstance(x, torch.Tensor) and x.dim() == 3):
-            raise InputDataError(f"vp expects block inputs of shape (batch, tokens, channels), got {getattr(x, 'shape', type(x))}")
+            raise InputDataError(
+                f"vp expects block inputs of shape (batch, tokens, channels), got {getattr(x, 'shape', type(x))}"
+            )
         if not self.cover_remainder and x.shape[1] - self.num_prefix_tokens < self.length:
             raise InputDataError(
                 f"vp: prompt_length={self.length} exceeds the {x.shape[1] - self.num_prefix_tokens} patch tokens, so no "
@@ -572,7 +548,7 @@ class AdditiveTokenPrompt(nn.Module):
         return f"length={self.length}, prefix={self.num_prefix_tokens}, cover_remainder={self.cover_remainder}"
 
 
-class AdditivePromptLayer(ForwardingAdapterLayer):
+class AdditivePromptLayer(AdapterLayer):
     """Wraps a transformer block for VP (token mode): the active :class:`AdditiveTokenPrompt` is added
     to the patch tokens of the block's input."""
 
@@ -629,7 +605,7 @@ class PixelPadPrompt(nn.Module):
         return f"channels={self.channels}, image_size={self.image_size}, pad={self.pad}"
 
 
-class PixelPromptLayer(ForwardingAdapterLayer):
+class PixelPromptLayer(AdapterLayer):
     """Adds the active pixel prompt to the first argument (the image) of the wrapped module."""
 
     method_name = "vp"
@@ -637,20 +613,6 @@ class PixelPromptLayer(ForwardingAdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         adapter = self.active()
         return self.base_layer(x if adapter is None else adapter(x), *args, **kwargs)
-
-
-# default modules that receive the raw image, per preset (UNETR / SwinUNETR feed it to two branches)
-_PIXEL_INPUTS = {
-    "monai.ViT": ["patch_embedding"],
-    "monai.MaskedAutoEncoderViT": ["patch_embedding"],
-    "monai.UNETR": ["vit", "encoder1"],
-    "monai.SwinUNETR": ["swinViT", "encoder1"],
-    "monai.ResNet": ["conv1"],
-    "monai.DenseNet": ["features"],
-    "monai.SegResNet": ["convInit"],
-    "monai.BasicUNet": ["conv_0"],
-    "monai.EfficientNet": ["_conv_stem_padding"],
-}
 
 
 @dataclass
@@ -698,95 +660,141 @@ class VPConfig(PeftConfig):
         self._require(isinstance(self.pad_size, int) and self.pad_size > 0, "pad_size must be a positive int")
         if self.image_size is not None:
             self._require(
-                isinstance(self.image_size, (list, tuple)) and all(isinstance(s, int) and s > 2 * self.pad_size for s in self.image_size),
+                isinstance(self.image_size, (list, tuple))
+                and all(isinstance(s, int) and s > 2 * self.pad_size for s in self.image_size),
                 f"image_size must be a list of ints larger than 2 * pad_size, got {self.image_size!r}",
             )
             self.image_size = list(self.image_size)
-        self._require(self.in_channels is None or (isinstance(self.in_channels, int) and self.in_channels > 0), "in_channels must be a positive int")
+        self._require(
+            self.in_channels is None or (isinstance(self.in_channels, int) and self.in_channels > 0),
+            "in_channels must be a positive int",
+        )
 
 
-class VPTuner(BaseTuner):
+class VPTuner(PromptTuner):
     """Token mode: wraps the prompted transformer blocks; pixel mode: wraps the image-input module(s)."""
 
     config_cls = VPConfig
     config: VPConfig
 
+    def targets(self, model: nn.Module) -> list[str]:
+        if self.config.mode == "pixel":
+            return self._pixel_inputs(model)
+        return find_transformer_blocks(model, self.config, self.method)
+
     # -- token mode ------------------------------------------------------------------------------
-    def _token_plan(self, model: nn.Module) -> tuple[list[str], list[int], TokenLayout, int]:
-        return token_prompt_plan(model, self.config, self.method)
+    def _token_plan(self, model: nn.Module) -> list[PlanItem]:
+        cfg = self.config
+        blocks = self.targets(model)
+        prompted = prompted_indices(cfg.layers, cfg.deep, len(blocks), self.method)
+        geo = self.geometry(model, blocks)
+        patches = geo.patch_tokens
+        if patches is not None and not geo.dynamic and not cfg.cover_remainder and patches < cfg.prompt_length:
+            raise ConfigError(
+                f"vp: prompt_length={cfg.prompt_length} exceeds the {patches} patch tokens of "
+                f"{type(innermost(model)).__name__}, so no prompt would be added; lower it or set cover_remainder=True"
+            )
+        items = []
+        for i in prompted:
+            block = innermost(get_submodule(model, blocks[i]))
+            d = token_dim(block)
+            items.append(
+                PlanItem(blocks[i], block, AdditivePromptLayer, _Prompted(d, geo.num_prefix_tokens, geo.fan_in or d))
+            )
+        return items
 
     # -- pixel mode ------------------------------------------------------------------------------
-    def _pixel_plan(self, model: nn.Module) -> tuple[list[str], int, tuple[int, ...]]:
+    def _pixel_inputs(self, model: nn.Module) -> list[str]:
+        cfg = self.config
+        if _explicit(cfg):
+            return _explicit_targets(model, cfg)
+        preset = get_preset(model)
+        spec = preset.role("image_input") if preset is not None else None
+        if spec is not None:
+            return find_targets(model, spec)
+        if isinstance(getattr(innermost(model), "patch_embed", None), nn.Module):
+            return ["patch_embed"]  # timm ViT-like networks
+        raise MethodNotApplicableError(
+            f"vp (pixel) does not know which module of {type(innermost(model)).__name__} receives the image; pass target_modules"
+        )
+
+    def _pixel_plan(self, model: nn.Module) -> list[PlanItem]:
         cfg = self.config
         net = type(innermost(model)).__name__
-        if _explicit(cfg):
-            names = _explicit_targets(model, cfg)
-        else:
-            preset = get_preset(model)
-            names = list(_PIXEL_INPUTS.get(preset.name, [])) if preset is not None else []
-            if not names and isinstance(getattr(innermost(model), "patch_embed", None), nn.Module):
-                names = ["patch_embed"]  # timm ViT-like networks
-            if not names:
-                raise MethodNotApplicableError(
-                    f"vp (pixel) does not know which module of {net} receives the image; pass target_modules"
-                )
+        names = self._pixel_inputs(model)
         convs = [
             m
-            for where in (innermost(get_submodule(model, names[0])), model)  # the target's first conv, else the network's
+            for where in (
+                innermost(get_submodule(model, names[0])),
+                model,
+            )  # the target's first conv, else the network's
             for _, m in canonical_named_modules(where)
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            if isinstance(m, CONV)
         ]
         channels = cfg.in_channels or (convs[0].in_channels if convs else None)
         size = tuple(cfg.image_size) if cfg.image_size is not None else self._infer_image_size(model)
         if channels is None or size is None:
             what = "in_channels" if channels is None else "image_size"
-            raise MethodNotApplicableError(f"vp (pixel) cannot infer the input {what} of {net}; set VPConfig({what}=...)")
+            raise MethodNotApplicableError(
+                f"vp (pixel) cannot infer the input {what} of {net}; set VPConfig({what}=...)"
+            )
         if any(s <= 2 * cfg.pad_size for s in size):
             raise ConfigError(f"vp (pixel): pad_size={cfg.pad_size} leaves no interior in an image of size {size}")
-        return names, int(channels), size
+        return [PlanItem(n, innermost(get_submodule(model, n)), PixelPromptLayer, (int(channels), size)) for n in names]
 
     @staticmethod
     def _infer_image_size(model: nn.Module) -> tuple[int, ...] | None:
-        root = innermost(model)
-        candidates = [n for n in ("blocks.0", "vit.blocks.0") if _has(model, n)]
-        if not candidates:
-            pe = getattr(root, "patch_embed", None)
-            size = _as_tuple(getattr(pe, "img_size", None))
-            return size
-        layout = token_layout(model, candidates[0])
-        if layout.grid is not None and layout.patch_size is not None and len(layout.grid) == len(layout.patch_size):
-            return tuple(g * p for g, p in zip(layout.grid, layout.patch_size))
+        """``grid * patch`` when the network stores its grid (never guessed from the patch count)."""
+        candidates = [n for n in ("blocks.0", "vit.blocks.0", "") if n == "" or _has(model, n)]
+        geo = token_geometry(model, candidates[0])
+        if (
+            geo.grid is not None
+            and geo.patch_size is not None
+            and len(geo.grid) == len(geo.patch_size)
+            and not geo.dynamic
+        ):
+            return tuple(g * p for g, p in zip(geo.grid, geo.patch_size))
         return None
 
     # -- tuner interface -------------------------------------------------------------------------
-    def check_applicable(self, model: nn.Module) -> None:
-        if self.config.mode == "pixel":
-            self._pixel_plan(model)
-        else:
-            self._token_plan(model)
+    def plan(self, model: nn.Module) -> list[PlanItem]:
+        return self._pixel_plan(model) if self.config.mode == "pixel" else self._token_plan(model)
 
-    def inject(self, model: nn.Module, adapter_name: str) -> None:
+    def prepare(self, model: nn.Module, plan: list[PlanItem], adapter_name: str) -> nn.Module | None:
+        if self.config.mode != "pixel":
+            return None
         cfg = self.config
-        if cfg.mode == "pixel":
-            names, channels, size = self._pixel_plan(model)
-            prompt = PixelPadPrompt(channels, size, cfg.pad_size, init=cfg.prompt_init, std=cfg.init_std)
-            for name in names:  # one prompt shared by every image branch
-                wrap_module(model, name, PixelPromptLayer, adapter_name, prompt)
-            return
-        blocks, prompted, layout, prefix = self._token_plan(model)
-        if layout.grid is not None and not cfg.cover_remainder and math.prod(layout.grid) < cfg.prompt_length:
-            raise ConfigError(
-                f"vp: prompt_length={cfg.prompt_length} exceeds the {math.prod(layout.grid)} patch tokens of "
-                f"{type(innermost(model)).__name__}, so no prompt would be added; lower it or set cover_remainder=True"
-            )
-        for i in prompted:
-            d = token_dim(get_submodule(model, blocks[i]))
-            fan_in = layout.fan_in or d
-            adapter = AdditiveTokenPrompt(
-                d, cfg.prompt_length, prefix, cover_remainder=cfg.cover_remainder, init=cfg.prompt_init,
-                std=cfg.init_std, bound=math.sqrt(6.0 / (fan_in + d)),
-            )
-            wrap_module(model, blocks[i], AdditivePromptLayer, adapter_name, adapter)
+        channels, size = plan[0].context
+        return PixelPadPrompt(
+            channels, size, cfg.pad_size, init=cfg.prompt_init, std=cfg.init_std
+        )  # one prompt for every image branch
+
+    def build(self, item: PlanItem, shared: nn.Module | None) -> nn.Module:
+        if shared is not None:
+            return shared
+        cfg = self.config
+        t: _Prompted = item.context
+        return AdditiveTokenPrompt(
+            t.dim,
+            cfg.prompt_length,
+            t.prefix,
+            cover_remainder=cfg.cover_remainder,
+            init=cfg.prompt_init,
+            std=cfg.init_std,
+            bound=math.sqrt(6.0 / (t.fan_in + t.dim)),
+        )
+
+    def resolved_fields(self, model: nn.Module, plan: list[PlanItem]) -> dict[str, Any]:
+        if self.config.mode == "pixel":
+            channels, size = plan[0].context
+            return {"in_channels": channels, "image_size": list(size)}
+        return super().resolved_fields(model, plan)
+
+    def item_info(self, item: PlanItem) -> dict[str, Any]:
+        if self.config.mode == "pixel":
+            channels, size = item.context
+            return {"layer": item.layer_cls.__name__, "in_channels": channels, "image_size": list(size)}
+        return super().item_info(item)
 
 
 def _has(model: nn.Module, name: str) -> bool:

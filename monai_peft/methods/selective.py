@@ -140,7 +140,10 @@ class NormTuningConfig(PeftConfig):
 
     def validate(self) -> None:
         bad = sorted(set(self.norm_types) - set(_NORM_KINDS))
-        self._require(not bad and bool(self.norm_types), f"norm_types must be a non-empty subset of {sorted(_NORM_KINDS)}, got {self.norm_types}")
+        self._require(
+            not bad and bool(self.norm_types),
+            f"norm_types must be a non-empty subset of {sorted(_NORM_KINDS)}, got {self.norm_types}",
+        )
 
 
 class NormTuningTuner(SelectiveTuner):

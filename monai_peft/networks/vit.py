@@ -55,6 +55,7 @@ from torch import nn
 
 from monai_peft.errors import CheckpointError, ConfigError, require
 from monai_peft.networks.adapt import adapt_input_channels, resample_patch_embed, resample_pos_embed
+from monai_peft.networks.heads.init import init_new_head
 from monai_peft.networks.reports import LoadReport, load_into
 from monai_peft.networks.sources import SourceLike, describe_source, extract_state_dict, load_state_dict_from_source
 
@@ -590,10 +591,9 @@ class MonaiViTBackbone(nn.Module):
 
 
 def reset_head(head: nn.Linear) -> None:
-    """MAE / MED-PEFT head initialisation: weights ``trunc_normal(std=2e-5)``, bias 0."""
-    with torch.no_grad():
-        nn.init.trunc_normal_(head.weight, std=2e-5)
-        nn.init.zeros_(head.bias)
+    """MAE / MED-PEFT head initialisation: weights ``trunc_normal(std=2e-5)``, bias 0 (the library-wide
+    :func:`~monai_peft.networks.heads.init.init_new_head`)."""
+    init_new_head(head)
 
 
 def _backbone_keys(monai_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

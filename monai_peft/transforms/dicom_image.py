@@ -4,7 +4,8 @@ The grayscale display pipeline of DICOM PS3.4 is applied in order:
 
 1. **Modality LUT** - ``RescaleSlope``/``RescaleIntercept`` (e.g. CT stored values to HU) or a Modality LUT
    Sequence (``pydicom.pixels.apply_modality_lut``);
-2. **VOI LUT** - ``WindowCenter``/``WindowWidth`` (LINEAR, LINEAR_EXACT, SIGMOID) or a VOI LUT Sequence
+2. **VOI LUT** (only with ``voi_lut=True``; the default gives modality values, as the volume loaders do) -
+   ``WindowCenter``/``WindowWidth`` (LINEAR, LINEAR_EXACT, SIGMOID) or a VOI LUT Sequence
    (``pydicom.pixels.apply_voi_lut``);
 3. **MONOCHROME1 inversion** - MONOCHROME1 images show low values as white; they are inverted inside the known
    output range so that, after this step, bright always means "high" as in MONOCHROME2.
@@ -25,6 +26,7 @@ volumes from a series folder use :func:`monai_peft.transforms.load_dicom_series`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -45,6 +47,7 @@ __all__ = [
     "LoadDicomImaged",
     "dicom_overlays",
     "frame_dataset",
+    "frame_positions",
     "modality_output_range",
     "read_dicom_image",
     "voi_output_range",
@@ -64,6 +67,7 @@ _PIXEL_MODULE = (
     "RescaleSlope",
     "RescaleIntercept",
     "RescaleType",
+    "DoseGridScaling",
     "WindowCenter",
     "WindowWidth",
     "VOILUTFunction",
@@ -108,7 +112,16 @@ def modality_output_range(ds: Dataset) -> tuple[float, float]:
     if "RescaleSlope" in ds and "RescaleIntercept" in ds:
         slope, inter = float(ds.RescaleSlope), float(ds.RescaleIntercept)
         lo, hi = sorted((lo * slope + inter, hi * slope + inter))
+    scale = _dose_scaling(ds)
+    if scale is not None:
+        lo, hi = sorted((lo * scale, hi * scale))
     return lo, hi
+
+
+def _dose_scaling(ds: Dataset) -> float | None:
+    """``DoseGridScaling`` of an RT Dose (stored value x scaling = dose in ``DoseUnits``), else ``None``."""
+    value = ds.get("DoseGridScaling")
+    return float(value) if value not in (None, "") else None
 
 
 def _has_voi_sequence(ds: Dataset) -> bool:
@@ -186,6 +199,9 @@ def _apply_luts(
     out = arr
     if modality_lut:
         out = apply_modality_lut(out, view)
+        scale = _dose_scaling(view)  # pydicom's modality LUT does not know RT Dose scaling
+        if scale is not None:
+            out = np.asarray(out, dtype=np.float64) * scale
         value_range = modality_output_range(view)
     applied_voi = False
     if voi_lut and (_has_voi_sequence(view) or _has_window(view)):
@@ -199,10 +215,80 @@ def _apply_luts(
     return np.asarray(out, dtype=np.float64), value_range, applied_voi
 
 
-def _geometry(view: Dataset, n_frames: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """4x4 RAS affine and spacing for a (H, W) frame, or (F, H, W) stack when ``n_frames`` is given."""
-    spacing = view.get("PixelSpacing") or view.get("ImagerPixelSpacing") or (1.0, 1.0)
-    dr, dc = float(spacing[0]), float(spacing[1])
+def _plane_value(group: Dataset | None, sequence: str, keyword: str) -> Any:
+    if group is None:
+        return None
+    seq = group.get(sequence)
+    return seq[0].get(keyword) if seq else None
+
+
+def frame_positions(ds: Dataset) -> np.ndarray | None:
+    """``(F, 3)`` ImagePositionPatient (LPS mm) of every frame of a multi-frame object, or ``None`` when the file
+    does not state them.
+
+    * enhanced objects (CT, MR, PET ...): ``PlanePositionSequence`` of each ``PerFrameFunctionalGroupsSequence``
+      item (or the shared group when all frames share one position);
+    * RT Dose and other objects with ``GridFrameOffsetVector``: ``ImagePositionPatient + (g_k - g_0) * normal``
+      (offsets along the normal ``row_cosine x column_cosine``; relative (``g_0 = 0``) and absolute offsets alike).
+    """
+    n = _number_of_frames(ds)
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    out = []
+    for k in range(n):
+        group = per_frame[k] if k < len(per_frame) else None
+        ipp = _plane_value(group, "PlanePositionSequence", "ImagePositionPatient")
+        if ipp is None:
+            ipp = _plane_value(shared, "PlanePositionSequence", "ImagePositionPatient")
+        if ipp is None or len(ipp) != 3:
+            out = []
+            break
+        out.append([float(v) for v in ipp])
+    if out:
+        return np.asarray(out, dtype=np.float64)
+    offsets = ds.get("GridFrameOffsetVector")
+    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    if offsets is not None and ipp is not None and iop is not None and len(iop) == 6:
+        g = np.asarray([float(v) for v in (offsets if isinstance(offsets, (list, tuple)) else list(offsets))])
+        if len(g) != n:
+            raise DicomError(
+                f"{describe_source(ds)} has {n} frames but GridFrameOffsetVector has {len(g)} values: the frame "
+                "positions cannot be known. The file is inconsistent; re-export it."
+            )
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        return np.asarray(ipp, float)[None] + (g - g[0])[:, None] * normal[None]
+    return None
+
+
+def _frame_step(positions: np.ndarray, where: str) -> np.ndarray | None:
+    """Vector (LPS mm) from one frame to the next, checking that the frames are equally spaced on a line.
+    ``None`` when all frames are at one position (cine / time series: the frame axis is not spatial)."""
+    steps = np.diff(positions, axis=0)
+    lengths = np.linalg.norm(steps, axis=1)
+    if float(np.max(np.linalg.norm(positions - positions[0], axis=1))) < 1e-3:
+        return None
+    mean = (positions[-1] - positions[0]) / (len(positions) - 1)
+    dev = float(np.max(np.linalg.norm(steps - mean, axis=1)))
+    if dev > max(1e-3, 0.01 * float(np.linalg.norm(mean))):
+        raise DicomError(
+            f"{where}: the frames are not equally spaced along one line (steps between frame positions range from "
+            f"{lengths.min():.4f} to {lengths.max():.4f} mm, up to {dev:.4f} mm off the mean step), so no single affine "
+            "describes them. The object holds several stacks, time points or irregular slices: read one frame with "
+            "read_dicom_image(..., frame=k), or resample it to a regular grid first."
+        )
+    return mean
+
+
+def _geometry(
+    view: Dataset, n_frames: int | None, positions: np.ndarray | None = None, where: str = ""
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """4x4 RAS affine, spacing and whether the pixel spacing was assumed, for a (H, W) frame, or a (F, H, W) stack
+    when ``n_frames`` is given (``positions``: the stated position of each of those frames, see
+    :func:`frame_positions`)."""
+    spacing = view.get("PixelSpacing") or view.get("ImagerPixelSpacing")
+    assumed = not spacing
+    dr, dc = (float(spacing[0]), float(spacing[1])) if spacing else (1.0, 1.0)
     iop = view.get("ImageOrientationPatient")
     if iop is not None and len(iop) == 6:
         row_cos, col_cos = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
@@ -212,15 +298,21 @@ def _geometry(view: Dataset, n_frames: int | None) -> tuple[np.ndarray, np.ndarr
     ipp = view.get("ImagePositionPatient")
     origin = np.asarray(ipp, float) if ipp is not None and len(ipp) == 3 else np.zeros(3)
     thickness = float(view.get("SpacingBetweenSlices") or view.get("SliceThickness") or 1.0)
+    step = normal * thickness
+    if positions is not None:
+        origin = positions[0]
+        if n_frames is not None and len(positions) > 1:
+            frame_step = _frame_step(positions, where)
+            step = frame_step if frame_step is not None else normal * thickness
     lps = np.eye(4)
     if n_frames is None:
         lps[:3, 0], lps[:3, 1], lps[:3, 2] = col_cos * dr, row_cos * dc, normal * thickness
         spacing_out = np.array([dr, dc])
     else:
-        lps[:3, 0], lps[:3, 1], lps[:3, 2] = normal * thickness, col_cos * dr, row_cos * dc
-        spacing_out = np.array([thickness, dr, dc])
+        lps[:3, 0], lps[:3, 1], lps[:3, 2] = step, col_cos * dr, row_cos * dc
+        spacing_out = np.array([float(np.linalg.norm(step)), dr, dc])
     lps[:3, 3] = origin
-    return LPS_TO_RAS @ lps, spacing_out
+    return LPS_TO_RAS @ lps, spacing_out, assumed
 
 
 def dicom_overlays(ds: Dataset, frame: int = 0) -> np.ndarray:
@@ -260,35 +352,49 @@ def read_dicom_image(
     *,
     frame: int | None = None,
     modality_lut: bool = True,
-    voi_lut: bool = True,
+    voi_lut: bool = False,
     voi_index: int = 0,
     prefer_voi_sequence: bool = True,
     invert_monochrome1: bool = True,
     dtype: Any = np.float32,
+    force: bool = False,
 ) -> MetaTensor:
     """Read a single DICOM image (one or more frames) to a float ``MetaTensor``.
+
+    By default only the modality LUT is applied (CT in HU, MR in its stored scale, RT Dose in Gy via
+    ``DoseGridScaling``): the same values :func:`~monai_peft.transforms.load_volume` and
+    :func:`~monai_peft.transforms.load_dicom_series` give, which is what a model trained on volumes or on values
+    with a physical meaning should see. ``voi_lut=True`` adds the file's display window (values on the window's
+    output scale, clipped outside it): use it only for models pre-trained on display-rendered images, e.g. chest
+    X-rays exported as PNG/JPEG (:func:`~monai_peft.transforms.read_chest_xray` does so by default).
 
     Args:
         source: file path or an already-read ``pydicom`` dataset.
         frame: index of the frame to return for multi-frame objects (``None``: all frames).
-        modality_lut: apply RescaleSlope/Intercept or the Modality LUT Sequence.
-        voi_lut: apply the VOI LUT Sequence or WindowCenter/Width when present.
+        modality_lut: apply RescaleSlope/Intercept or the Modality LUT Sequence (and an RT Dose's
+            ``DoseGridScaling``).
+        voi_lut: also apply the VOI LUT Sequence or WindowCenter/Width when present (off by default, see above).
         voi_index: which of several windows / VOI LUTs to use.
         prefer_voi_sequence: when both a VOI LUT Sequence and a window exist, use the sequence.
         invert_monochrome1: invert MONOCHROME1 images inside their output range (bright = high).
         dtype: output dtype.
+        force: read a file without the 128-byte preamble and ``DICM`` marker (old ACR-NEMA style).
 
     Returns:
         ``(1, H, W)`` (one frame), ``(1, F, H, W)`` (all frames) or ``(3, ...)`` (colour). Meta keys:
         ``affine`` (RAS), ``spacing``, ``value_range`` (range of the output values: the VOI output range if a VOI
         was applied, else the modality range), ``voi_applied``, ``photometric_interpretation``, ``modality``,
-        ``sop_instance_uid``, ``filename_or_obj``.
+        ``sop_instance_uid``, ``filename_or_obj``, ``spacing_assumed`` (``True`` when the file has no PixelSpacing /
+        ImagerPixelSpacing and 1.0 mm was used; a ``UserWarning`` says so too). For all frames of a multi-frame
+        object the frame axis of the affine runs from each frame's stated position to the next
+        (``PlanePositionSequence`` or ``GridFrameOffsetVector``; frames must be equally spaced).
 
     Raises:
-        DicomError: not DICOM, truncated, no pixel data, or ``frame`` out of range.
+        DicomError: not DICOM, truncated, no pixel data, ``frame`` out of range, or frames at unequally spaced
+            positions (when all frames are read).
         MissingDependencyError: compressed pixel data without an installed decoder.
     """
-    ds = source if isinstance(source, Dataset) else read_dicom_file(source)
+    ds = source if isinstance(source, Dataset) else read_dicom_file(source, force=force)
     where = describe_source(source)
     pixels = decode_pixels(ds, source)
     n_frames = _number_of_frames(ds)
@@ -323,13 +429,24 @@ def read_dicom_image(
     single = len(frame_ids) == 1 and (frame is not None or n_frames == 1)
     if single:
         out = out[:, 0]
-    affine, spacing = _geometry(views[0], None if single else len(frame_ids))
+    positions = frame_positions(ds) if n_frames > 1 else None
+    if positions is not None:
+        positions = positions[frame_ids]
+    affine, spacing, assumed = _geometry(views[0], None if single else len(frame_ids), positions, where)
+    if assumed:
+        warnings.warn(
+            f"{where} has no PixelSpacing or ImagerPixelSpacing: 1.0 mm x 1.0 mm pixels are assumed (meta "
+            "'spacing_assumed' is True). Physical sizes and resampling in mm are only as right as that guess.",
+            UserWarning,
+            stacklevel=2,
+        )
     meta = {
         "affine": torch.as_tensor(affine, dtype=torch.float64),
         "original_affine": affine,
         "spacing": spacing,
         "value_range": np.asarray(value_range, dtype=np.float64),
         "voi_applied": voi_applied,
+        "spacing_assumed": assumed,
         "photometric_interpretation": photometric,
         "modality": str(ds.get("Modality", "")),
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
@@ -355,20 +472,23 @@ class LoadDicomImage(Transform):
 
     Example::
 
-        img = LoadDicomImage()("cxr.dcm")  # (1, H, W), modality + VOI LUT applied, MONOCHROME1 inverted
+        img = LoadDicomImage()("ct.dcm")  # (1, H, W), modality LUT applied (HU), MONOCHROME1 inverted
+        cxr = LoadDicomImage(voi_lut=True)("cxr.dcm")  # + the file's display window
     """
 
     def __init__(
         self,
         frame: int | None = None,
         modality_lut: bool = True,
-        voi_lut: bool = True,
+        voi_lut: bool = False,
         voi_index: int = 0,
         prefer_voi_sequence: bool = True,
         invert_monochrome1: bool = True,
         dtype: Any = np.float32,
         return_overlays: bool = False,
+        force: bool = False,
     ) -> None:
+        self.force = force
         self.kwargs = dict(
             frame=frame,
             modality_lut=modality_lut,
@@ -381,7 +501,7 @@ class LoadDicomImage(Transform):
         self.return_overlays = return_overlays
 
     def __call__(self, source: PathLike | Dataset) -> MetaTensor | tuple[MetaTensor, np.ndarray]:
-        ds = source if isinstance(source, Dataset) else read_dicom_file(source)
+        ds = source if isinstance(source, Dataset) else read_dicom_file(source, force=self.force)
         img = read_dicom_image(ds, **self.kwargs)
         img.meta["filename_or_obj"] = str(source) if not isinstance(source, Dataset) else img.meta["filename_or_obj"]
         if not self.return_overlays:
@@ -406,13 +526,14 @@ class LoadDicomImaged(MapTransform):
         keys: KeysCollection,
         frame: int | None = None,
         modality_lut: bool = True,
-        voi_lut: bool = True,
+        voi_lut: bool = False,
         voi_index: int = 0,
         prefer_voi_sequence: bool = True,
         invert_monochrome1: bool = True,
         dtype: Any = np.float32,
         overlay_postfix: str | None = None,
         allow_missing_keys: bool = False,
+        force: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.overlay_postfix = overlay_postfix
@@ -425,6 +546,7 @@ class LoadDicomImaged(MapTransform):
             invert_monochrome1=invert_monochrome1,
             dtype=dtype,
             return_overlays=overlay_postfix is not None,
+            force=force,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

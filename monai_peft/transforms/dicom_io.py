@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -43,6 +45,11 @@ PathLike = str | os.PathLike
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float Pixel Data, Double Float Pixel Data
 
 # pip requirements that provide a pydicom decoder for each compressed transfer syntax (first = recommended).
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-compressed
+_FORCE_HINT = (
+    "If it is a DICOM file without the preamble (old ACR-NEMA style), read it with read_dicom_image(..., "
+    "force=True), read_dicom_file(..., force=True) or load_dicom_series(..., force=True)."
+)
 _J2K = ("pylibjpeg pylibjpeg-openjpeg", "Pillow (built with OpenJPEG)", "python-gdcm")
 _JPEG = ("pylibjpeg pylibjpeg-libjpeg", "Pillow", "python-gdcm")
 _JPEG_LOSSLESS = ("pylibjpeg pylibjpeg-libjpeg", "python-gdcm")
@@ -61,6 +68,16 @@ DECODER_PACKAGES: dict[str, tuple[str, ...]] = {
     "1.2.840.10008.1.2.4.203": ("pylibjpeg pylibjpeg-openjpeg",),  # HTJ2K
     "1.2.840.10008.1.2.5": ("pylibjpeg pylibjpeg-rle",),  # RLE Lossless (pydicom decodes it natively too)
 }
+# first word of a pip requirement in DECODER_PACKAGES -> the pydicom decoder plugin it provides
+_PACKAGE_PLUGINS = {"pylibjpeg": "pylibjpeg", "python-gdcm": "gdcm", "Pillow": "pillow", "pyjpegls": "pyjpegls"}
+
+
+def _capable_packages(ds: Dataset, uid: UID) -> tuple[str, ...]:
+    """pip requirements able to decode ``ds``: 12-bit JPEG Extended is beyond Pillow (8-bit only)."""
+    packages = DECODER_PACKAGES.get(str(uid), ())
+    if str(uid) == "1.2.840.10008.1.2.4.51" and int(ds.get("BitsStored", 8) or 8) > 8:
+        packages = tuple(p for p in packages if not p.startswith("Pillow"))
+    return packages
 
 
 def describe_source(source: PathLike | Dataset) -> str:
@@ -162,9 +179,9 @@ def read_dicom_file(path: PathLike, *, stop_before_pixels: bool = False, force: 
         except InvalidDicomError as exc:
             raise DicomError(
                 f"'{path}' is not a DICOM file: it lacks the 128-byte preamble and 'DICM' marker ({exc}). "
-                "Remove it from the input, or pass force=True if it is a preamble-less (ACR-NEMA) DICOM file."
+                f"Remove it from the input. {_FORCE_HINT}"
             ) from exc
-        except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
             raise DicomError(
                 f"'{path}' could not be parsed as DICOM ({type(exc).__name__}: {exc}). The file is truncated or "
                 "corrupt: re-copy or re-export it."
@@ -173,7 +190,19 @@ def read_dicom_file(path: PathLike, *, stop_before_pixels: bool = False, force: 
     for w in caught:  # re-emit anything that was not about truncation
         if str(w.message) not in eof_warnings:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if force and not any(keyword_for_tag(tag) for tag in list(ds.keys())):  # keys: no raw element parsed
+        raise DicomError(
+            f"'{path}' is not a DICOM file: read with force=True it holds no standard DICOM element (only "
+            f"{', '.join(str(t) for t in list(ds.keys())[:3]) or 'nothing'}). Remove it from the input."
+        )
+    if force:
+        _set_parsed_transfer_syntax(ds)
     end, unknown = _raw_elements_end(ds)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        # element offsets are positions in the inflated stream, not in the (smaller) file; a cut-off deflated
+        # stream makes zlib or pydicom fail above instead
+        end, unknown = 0, True
     truncated = bool(eof_warnings) or end > size
     if not stop_before_pixels and not unknown and 0 < size - end < 8:
         truncated = True  # the file ends inside an element header
@@ -186,6 +215,25 @@ def read_dicom_file(path: PathLike, *, stop_before_pixels: bool = False, force: 
             "the source (PACS, CD, archive)."
         )
     return ds
+
+
+def _set_parsed_transfer_syntax(ds: Dataset) -> None:
+    """A file without file meta (ACR-NEMA style) has no TransferSyntaxUID, which pixel decoding needs: record the
+    uncompressed encoding pydicom parsed the dataset with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    )
 
 
 def check_decoder(ds: Dataset, source: PathLike | Dataset | None = None) -> None:
@@ -203,7 +251,7 @@ def check_decoder(ds: Dataset, source: PathLike | Dataset | None = None) -> None
     from pydicom.pixels import get_decoder
 
     where = describe_source(source if source is not None else ds)
-    packages = DECODER_PACKAGES.get(str(uid), ())
+    packages = _capable_packages(ds, uid)
     try:
         decoder = get_decoder(uid)
     except NotImplementedError as exc:
@@ -244,13 +292,50 @@ def decode_pixels(ds: Dataset, source: PathLike | Dataset | None = None) -> np.n
     check_decoder(ds, source)
     try:
         return ds.pixel_array
+    except RuntimeError as exc:
+        _raise_if_a_better_decoder_exists(ds, where, exc)
+        raise DicomError(
+            f"{where}: its pixel data cannot be decoded ({type(exc).__name__}: {exc}). The file may be corrupt "
+            "or use an unusual encoding; try converting it with `gdcmconv --raw`."
+        ) from exc
+    except zlib.error as exc:
+        raise DicomError(f"{where} is truncated or corrupt (deflated data: {exc}). Re-copy or re-export it.") from exc
     except ValueError as exc:
         msg = str(exc)
         if "less than expected" in msg or "too short" in msg.lower() or "truncat" in msg.lower():
             raise DicomError(f"{where} is truncated: {msg}. Re-copy or re-export the file from the source.") from exc
         raise DicomError(f"{where}: its pixel data cannot be decoded ({msg}).") from exc
-    except (RuntimeError, NotImplementedError, AttributeError, TypeError) as exc:
+    except (NotImplementedError, AttributeError, TypeError) as exc:
         raise DicomError(
             f"{where}: its pixel data cannot be decoded ({type(exc).__name__}: {exc}). The file may be corrupt "
             "or use an unusual encoding; try converting it with `gdcmconv --raw`."
         ) from exc
+
+
+def _raise_if_a_better_decoder_exists(ds: Dataset, where: str, exc: Exception) -> None:
+    """When the installed plugins failed but a plugin that is not installed can decode this transfer syntax (e.g.
+    Pillow on 12-bit JPEG Extended, which only pylibjpeg-libjpeg or GDCM decode), raise
+    :class:`MissingDependencyError` naming it instead of blaming the file."""
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if tsyntax is None or not UID(str(tsyntax)).is_compressed:
+        return
+    from pydicom.pixels import get_decoder
+
+    uid = UID(str(tsyntax))
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return
+    available = set(decoder.available_plugins)
+    missing = [p for p in _capable_packages(ds, uid) if _PACKAGE_PLUGINS.get(p.split()[0]) not in available]
+    if not missing:
+        return
+    bits = int(ds.get("BitsStored", 0) or 0)
+    depth = f" with {bits}-bit samples" if bits else ""
+    hint = " or ".join(f"`pip install {p}`" for p in missing)
+    raise MissingDependencyError(
+        f"{where} is compressed with {uid.name} ({uid}){depth}, which the installed decoder plugin(s) "
+        f"({', '.join(sorted(decoder.available_plugins)) or 'none'}) cannot decode: {exc}. The file is probably "
+        f"fine; install a decoder that can: {hint}."
+    ) from exc

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -106,6 +107,14 @@ def _frame_reference(ds: Dataset, i: int) -> str | None:
     return None
 
 
+def _frames_outside_series(ds: Dataset, series: DicomSeries) -> list[tuple[int, str]]:
+    """``(frame index, referenced SOPInstanceUID)`` of SEG frames whose source instance is not a slice of ``series``."""
+    known = set(series.sop_instance_uids)
+    n = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    refs = ((i, _frame_reference(ds, i)) for i in range(n))
+    return [(i, uid) for i, uid in refs if uid is not None and uid not in known]
+
+
 def _group_value(group: Dataset | None, sequence: str, keyword: str) -> Any:
     if group is None:
         return None
@@ -189,6 +198,7 @@ def read_dicom_seg(
     label_values: Mapping[int, int] | None = None,
     dtype: Any = np.float32,
     atol: float = 1e-2,
+    check_references: bool = True,
 ) -> MetaTensor:
     """Read a DICOM SEG as a label volume on its source series grid.
 
@@ -203,12 +213,18 @@ def read_dicom_seg(
             original label values back); default: the segment number.
         dtype: output dtype.
         atol: tolerance (mm) for SEG frames lying on source slices.
+        check_references: the SEG's referenced series (``ReferencedSeriesSequence``) must be the source series and
+            every frame's source instance (``SourceImageSequence``) must be one of its slices; otherwise a frame
+            would silently be dropped and the label come out (partly) empty. ``False`` only for a series that was
+            re-exported with new UIDs: frames are then placed by position (orientation, spacing and position are
+            still checked).
 
     Returns:
         ``(1, X, Y, Z)`` ``MetaTensor`` (0 = background), RAS affine; overlapping segments raise.
 
     Raises:
-        DicomError: not a SEG, wrong series / frame of reference, frames off the source grid, overlapping segments.
+        DicomError: not a SEG, another series or instances than the source, wrong frame of reference, frames off
+            the source grid, overlapping segments.
     """
     hd = _highdicom()
     seg_ds = _read_seg_dataset(seg)
@@ -231,10 +247,23 @@ def read_dicom_seg(
                         "series. Pass the series it was made from."
                     ) from exc
                 raise
-        if ref_uid is not None and series_uid is None and series.series_instance_uid != ref_uid:
+        if check_references and ref_uid is not None and series.series_instance_uid != ref_uid:
             raise DicomError(
-                f"{where} references series {ref_uid} but the given source series is "
-                f"{series.series_instance_uid}. Pass the series the SEG was made from (or series_uid= to override)."
+                f"{where} references series {ref_uid} but the image it is paired with is series "
+                f"{series.series_instance_uid} ({series.source or 'in memory'}): the SEG was made on another series, "
+                "and read onto this one it would give an empty label. Pair it with the series it was made from. If "
+                "this series is a re-export of it with new UIDs, pass check_references=False to place the frames "
+                "by position."
+            )
+        outside = _frames_outside_series(seg_ds, series) if check_references else []
+        if outside:
+            n_frames = len(seg_ds.get("PerFrameFunctionalGroupsSequence") or [])
+            raise DicomError(
+                f"{where}: {len(outside)} of {n_frames} frame(s) reference source instances that are not in the series "
+                f"{series.series_instance_uid} ({series.source or 'in memory'}), e.g. frame {outside[0][0] + 1} -> "
+                f"SOPInstanceUID {outside[0][1]}. Those frames would be dropped silently. Pair the SEG with the "
+                "complete series it was made from; if this series is a re-export with new UIDs, pass "
+                "check_references=False to place the frames by position."
             )
         seg_for = str(seg_ds.get("FrameOfReferenceUID", ""))
         src_for = str(series.datasets[0].get("FrameOfReferenceUID", ""))
@@ -246,13 +275,16 @@ def read_dicom_seg(
         _check_frames_on_series(seg_ds, series, where, atol)
         kwargs = {"segment_numbers": segment_numbers} if segment_numbers is not None else {}
         try:
-            frames = hseg.get_pixels_by_source_instance(
-                source_sop_instance_uids=series.sop_instance_uids,
-                combine_segments=True,
-                assert_missing_frames_are_empty=True,
-                ignore_spatial_locations=True,  # checked above by position
-                **kwargs,
-            )
+            if check_references:
+                frames = hseg.get_pixels_by_source_instance(
+                    source_sop_instance_uids=series.sop_instance_uids,
+                    combine_segments=True,
+                    assert_missing_frames_are_empty=True,  # every referenced instance was checked to be in the series
+                    ignore_spatial_locations=True,  # checked above by position
+                    **kwargs,
+                )
+            else:
+                frames = _place_volume_by_position(hseg, series, where, atol, **kwargs)
         except RuntimeError as exc:
             if "overlap" in str(exc).lower():
                 raise DicomError(f"{where}: segments overlap, so they cannot form one label map ({exc}).") from exc
@@ -443,7 +475,14 @@ def write_dicom_seg(
                 arr, affine = moved, moved_affine
         fake_ref = MetaTensor(torch.zeros((1, *series.shape), dtype=torch.uint8), affine=torch.as_tensor(series.affine))
         fake_lab = MetaTensor(torch.zeros((1, *arr.shape), dtype=torch.uint8), affine=torch.as_tensor(affine))
-        check_geometry(fake_ref, fake_lab, atol=atol, names=("source series", "label"))
+        check_geometry(
+            fake_ref,
+            fake_lab,
+            atol=atol,
+            names=("source series", "label"),
+            orientation_hint="an axis order/flip alone is undone automatically; this label is rotated against the "
+            "series",
+        )
     elif tuple(arr.shape) != tuple(series.shape):
         raise InputDataError(
             f"label shape {arr.shape} does not match the source series {series.shape} (Columns, Rows, slices). "
@@ -502,9 +541,31 @@ def write_dicom_seg(
         omit_empty_frames=omit_empty_frames,
     )
     out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out)
+    _save_atomically(seg, out)
     return SegWriteResult(out, dict(enumerate(values, start=1)))
+
+
+def _save_atomically(ds: Dataset, out: Path) -> None:
+    """Write ``ds`` to a temporary file in ``out``'s folder, then rename it to ``out`` (``os.replace``).
+
+    A write that fails (disk full, file-size limit) or is killed leaves no partial file under the final name, and an
+    existing ``out`` stays intact until the new file is complete.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        ds.save_as(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class SaveDicomSegd(MapTransform):

@@ -18,6 +18,7 @@ what is wrong and what to do:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,9 @@ __all__ = [
     "DicomSeries",
     "LoadDicomSeries",
     "LoadDicomSeriesd",
+    "MissingSliceWarning",
     "find_dicom_series",
+    "load_dicom_multiframe",
     "load_dicom_series",
     "scan_dicom_folder",
 ]
@@ -54,6 +57,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SeriesSource = PathLike | Sequence[PathLike] | Sequence[Dataset]
+
+
+class MissingSliceWarning(UserWarning):
+    """The header says the series has more slices than were found (a slice at one end of the stack is missing,
+    which slice positions alone cannot reveal)."""
 
 
 @dataclass
@@ -77,6 +85,7 @@ class DicomSeries:
     shape: tuple[int, int, int]
     source: str = ""
     skipped_files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def affine(self) -> np.ndarray:
@@ -129,10 +138,13 @@ class DicomSeries:
             "space": "RAS",
             "filename_or_obj": self.source,
             "series_instance_uid": self.series_instance_uid,
+            # one string (DICOM multi-value style) so that batches of series with different lengths collate
+            "sop_instance_uids": "\\".join(self.sop_instance_uids),
             "study_instance_uid": str(first.get("StudyInstanceUID", "")),
             "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
             "modality": str(first.get("Modality", "")),
             "series_description": str(first.get("SeriesDescription", "")),
+            "warnings": "; ".join(self.warnings),
         }
         return MetaTensor(torch.from_numpy(array[None]), meta=meta)
 
@@ -238,8 +250,9 @@ def _geometry(
     for path, ds in members:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise DicomError(
-                f"{_slice_name(path, ds)} in {where} is a multi-frame object ({ds.NumberOfFrames} frames); "
-                "load_dicom_series reads series of single-frame slices. Use read_dicom_image for multi-frame files."
+                f"{_slice_name(path, ds)} in {where} is a multi-frame object ({ds.NumberOfFrames} frames) among "
+                "other files; a series is made of single-frame slices. Load the multi-frame file on its own as a 3D "
+                "volume (load_volume('<file>') or load_dicom_multiframe), or read its frames with read_dicom_image."
             )
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if not ds.get(k)]
         if missing:
@@ -333,6 +346,63 @@ def _geometry(
     return members, affine, (float(pix[1]), float(pix[0]), float(spacing_z))
 
 
+def _instance_numbers(members: list[tuple[Path | None, Dataset]]) -> np.ndarray | None:
+    try:
+        values = [ds.get("InstanceNumber") for _, ds in members]
+        return None if any(v in (None, "") for v in values) else np.asarray([int(v) for v in values])
+    except (TypeError, ValueError):
+        return None
+
+
+def _slice_count_warnings(members: list[tuple[Path | None, Dataset]], where: str) -> list[str]:
+    """Messages when the header announces more slices than ``members`` (sorted along the normal) holds.
+
+    A slice missing at an end of the stack leaves no gap in the positions, so only the header can tell:
+    ``ImagesInAcquisition`` (one acquisition) or ``NumberOfSlices`` (PET / NM) give the expected count; consecutive
+    InstanceNumbers that do not start at 1 point at missing first instance(s).
+    """
+    n = len(members)
+    headers = [ds for _, ds in members]
+    numbers = _instance_numbers(members)
+    consecutive = numbers is not None and n > 1 and bool(np.all(np.abs(np.diff(numbers)) == 1))
+    consecutive = consecutive and len(set(np.sign(np.diff(numbers)).tolist())) == 1
+    msgs = []
+    for keyword in ("ImagesInAcquisition", "NumberOfSlices"):
+        try:
+            counts = {int(ds.get(keyword)) for ds in headers if ds.get(keyword) not in (None, "")}
+        except (TypeError, ValueError):
+            continue
+        acquisitions = {str(ds.get("AcquisitionNumber", "")) for ds in headers}
+        if len(counts) != 1 or (keyword == "ImagesInAcquisition" and len(acquisitions) != 1):
+            continue
+        expected = counts.pop()
+        if expected <= n:
+            continue
+        which = ""
+        if consecutive and numbers is not None:
+            lo, hi = int(numbers.min()), int(numbers.max())
+            absent = [str(i) for i in range(1, lo)] + [str(i) for i in range(hi + 1, hi + 1 + expected - n - (lo - 1))]
+            which = (
+                f"; InstanceNumbers {lo}..{hi} are present without a gap, so InstanceNumber(s) {', '.join(absent[:5])}"
+            )
+            which += " are missing at an end of the stack" if absent else ""
+        msgs.append(
+            f"{where}: the header says {keyword}={expected}, but {n} slice(s) were found: {expected - n} slice(s) "
+            f"missing at the end(s) of the stack (the positions found have no gap){which}. The volume is shorter "
+            "than the acquisition; re-export or re-copy the complete series if that is not intended."
+        )
+        return msgs
+    if consecutive and numbers is not None and int(numbers.min()) > 1:
+        lo, hi = int(numbers.min()), int(numbers.max())
+        end = members[int(np.argmin(numbers))]
+        msgs.append(
+            f"{where}: InstanceNumbers run {lo}..{hi} without a gap but do not start at 1: InstanceNumber(s) 1..{lo - 1} "
+            f"are absent, so {lo - 1} slice(s) next to {_slice_name(*end)} at the end of the stack may be missing "
+            "(or the series was exported as a subset). Re-export the complete series if that is not intended."
+        )
+    return msgs
+
+
 def find_dicom_series(
     source: SeriesSource,
     series_uid: str | None = None,
@@ -389,6 +459,9 @@ def find_dicom_series(
     uid, chosen = _select_series(members, series_uid, where)
     chosen, affine, spacing = _geometry(chosen, where, spacing_tolerance)
     ref = chosen[0][1]
+    found_warnings = _slice_count_warnings(chosen, where)
+    for msg in found_warnings:
+        warnings.warn(msg, MissingSliceWarning, stacklevel=3)
     return DicomSeries(
         series_instance_uid=uid,
         datasets=[ds for _, ds in chosen],
@@ -398,6 +471,7 @@ def find_dicom_series(
         shape=(int(ref.Columns), int(ref.Rows), len(chosen)),
         source=source_name,
         skipped_files=skipped,
+        warnings=found_warnings,
     )
 
 
@@ -422,7 +496,8 @@ def load_dicom_series(
 
     Returns:
         ``MetaTensor`` of shape ``(1, Columns, Rows, n_slices)``; meta has ``affine`` (RAS), ``spacing``,
-        ``series_instance_uid``, ``study_instance_uid``, ``frame_of_reference_uid``, ``modality``,
+        ``series_instance_uid``, ``sop_instance_uids`` (the slices' SOPInstanceUIDs in z order, joined by ``\\``;
+        a DICOM SEG paired with the volume is checked against them), ``study_instance_uid``, ``frame_of_reference_uid``, ``modality``,
         ``filename_or_obj`` (the folder).
 
     Raises:
@@ -433,10 +508,178 @@ def load_dicom_series(
 
         ct = load_dicom_series("ct_dicom_series/")  # (1, 512, 512, 20), HU
     """
+    single = _single_multiframe(source, force)
+    if single is not None:
+        return load_dicom_multiframe(
+            single, rescale=rescale, dtype=dtype, force=force, spacing_tolerance=spacing_tolerance
+        )
     series = find_dicom_series(
         source, series_uid, recursive=recursive, force=force, spacing_tolerance=spacing_tolerance
     )
     return series.load(rescale=rescale, dtype=dtype)
+
+
+def _single_multiframe(source: SeriesSource, force: bool) -> Path | Dataset | None:
+    """``source`` when it is one multi-frame file or dataset (given alone or as a list of one), else ``None``."""
+    if isinstance(source, (str, Path)) or hasattr(source, "__fspath__"):
+        items: list[Any] = [source]
+    elif isinstance(source, Sequence) and len(source) == 1:
+        items = list(source)
+    else:
+        return None
+    item = items[0]
+    if isinstance(item, Dataset):
+        header = item
+    else:
+        item = Path(item)
+        if not item.is_file():
+            return None
+        header = read_dicom_file(item, stop_before_pixels=True, force=force)
+    try:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return item if frames > 1 else None
+
+
+def load_dicom_multiframe(
+    source: PathLike | Dataset,
+    *,
+    rescale: bool = True,
+    dtype: Any = np.float32,
+    force: bool = False,
+    spacing_tolerance: float = 0.01,
+) -> MetaTensor:
+    """Load a multi-frame object (Enhanced CT / MR / PET, RT Dose ...) as a ``(1, X, Y, Z)`` volume.
+
+    The geometry comes from each frame's own position: the per-frame ``PlanePositionSequence`` of enhanced objects,
+    or ``ImagePositionPatient`` + ``GridFrameOffsetVector`` for RT Dose (never from ``SliceThickness``, which
+    differs from the frame step on overlapping reconstructions). Frames are sorted along the normal
+    ``row_cosine x column_cosine`` like the slices of :func:`load_dicom_series`, so both give the same array and
+    affine for the same data; voxel ``(x, y, z)`` is column ``x``, row ``y`` of the ``z``-th frame in that order,
+    and the affine maps ``(0, 0, z)`` to that frame's stated position.
+
+    Args:
+        source: the file or an already-read dataset.
+        rescale: apply the modality LUT per frame (``PixelValueTransformationSequence``: CT in HU) and an RT Dose's
+            ``DoseGridScaling`` (dose in ``DoseUnits``, e.g. Gy).
+        dtype: numpy dtype of the output.
+        force: read a file without the ``DICM`` preamble.
+        spacing_tolerance: allowed relative deviation of a frame step from the median step.
+
+    Returns:
+        ``MetaTensor`` ``(1, Columns, Rows, frames)`` with RAS ``affine``, ``spacing``, ``series_instance_uid``,
+        ``sop_instance_uids`` (the object's own SOPInstanceUID), ``number_of_frames``, ``modality``.
+
+    Raises:
+        DicomError: no frame positions (no 3D geometry), mixed orientations or pixel spacings, frames at the same
+            position (several time points / stacks), frames not stacked along the normal, or not equally spaced.
+    """
+    from monai_peft.transforms.dicom_image import _apply_luts, frame_dataset, frame_positions
+
+    ds = source if isinstance(source, Dataset) else read_dicom_file(source, force=force)
+    where = describe_source(source)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DicomError(f"{where} is a colour multi-frame object; a volume needs grayscale frames.")
+    positions = frame_positions(ds)
+    if positions is None:
+        raise DicomError(
+            f"{where} ({n} frames) states no position for its frames: no per-frame PlanePositionSequence (in "
+            "PerFrameFunctionalGroupsSequence) and no GridFrameOffsetVector, so no 3D geometry can be built and a "
+            "label could not be placed on it. Use a copy with the functional groups intact (some anonymisers strip "
+            "them), or read the frames as 2D images with read_dicom_image."
+        )
+    views = [frame_dataset(ds, k) for k in range(n)]
+    iops, spacings = [], []
+    for k, view in enumerate(views):
+        iop, pix = view.get("ImageOrientationPatient"), view.get("PixelSpacing")
+        if iop is None or len(iop) != 6 or not pix:
+            missing = "ImageOrientationPatient (PlaneOrientationSequence)" if iop is None else "PixelSpacing"
+            raise DicomError(
+                f"{where}: frame {k + 1} has no {missing}, so no 3D geometry can be built. Read the frames as 2D "
+                "images with read_dicom_image."
+            )
+        iops.append(np.asarray(iop, float))
+        spacings.append(np.asarray(pix, float))
+    for k in range(1, n):
+        if not np.allclose(iops[k], iops[0], atol=1e-4):
+            raise DicomError(
+                f"{where}: frame {k + 1} has orientation {iops[k].tolist()}, frame 1 {iops[0].tolist()}: the object "
+                "mixes orientations (e.g. a localizer or several stacks). Read single frames with read_dicom_image."
+            )
+        if not np.allclose(spacings[k], spacings[0], atol=1e-4):
+            raise DicomError(
+                f"{where}: frame {k + 1} has pixel spacing {spacings[k].tolist()}, frame 1 {spacings[0].tolist()}: "
+                "mixed pixel spacings in one volume."
+            )
+    row_cos, col_cos, pix = iops[0][:3], iops[0][3:], spacings[0]
+    normal = np.cross(row_cos, col_cos)
+    proj = positions @ normal
+    order = np.argsort(proj, kind="stable")
+    positions, proj = positions[order], proj[order]
+    if n > 1:
+        steps = np.diff(proj)
+        if np.any(steps < 1e-3):
+            distinct = len(np.unique(np.round(proj, 3)))
+            raise DicomError(
+                f"{where}: several of its {n} frames are at the same position ({distinct} distinct positions for {n} "
+                "frames): the object holds several time points, echoes or stacks (4D), not one volume. Read single "
+                "frames with read_dicom_image(..., frame=k), or split it first."
+            )
+        in_plane = (positions - positions[0]) - np.outer((positions - positions[0]) @ normal, normal)
+        drift = float(np.max(np.linalg.norm(in_plane, axis=1)))
+        if drift > max(1e-2, 0.01 * float(np.median(steps))):
+            raise DicomError(
+                f"{where}: frames are not stacked along their normal (in-plane drift up to {drift:.2f} mm): a "
+                "tilted or sheared acquisition that needs resampling first."
+            )
+        median = float(np.median(steps))
+        tol = max(1e-3, spacing_tolerance * median)
+        if np.any(np.abs(steps - median) > tol):
+            raise DicomError(
+                f"{where}: its frames are not equally spaced (steps between frame positions range from "
+                f"{steps.min():.4f} to {steps.max():.4f} mm, median {median:.4f} mm, tolerance {tol:.4f} mm), so no "
+                "single affine describes them. Resample it to a regular grid first, or raise spacing_tolerance if "
+                "the variation is harmless."
+            )
+        slice_vec = (positions[-1] - positions[0]) / (n - 1)
+        spacing_z = median
+    else:
+        spacing_z = float(views[0].get("SpacingBetweenSlices") or views[0].get("SliceThickness") or 1.0)
+        slice_vec = normal * spacing_z
+    pixels = decode_pixels(ds, source)
+    if n == 1:
+        pixels = pixels[None]
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    out = np.empty((cols, rows, n), dtype=dtype)
+    for z, k in enumerate(order):
+        values, _, _ = _apply_luts(pixels[k], views[k], rescale, False, 0, True)
+        out[:, :, z] = values.T
+    affine = np.eye(4)
+    affine[:3, 0] = row_cos * pix[1]
+    affine[:3, 1] = col_cos * pix[0]
+    affine[:3, 2] = slice_vec
+    affine[:3, 3] = positions[0]
+    ras = LPS_TO_RAS @ affine
+    meta = {
+        "affine": torch.as_tensor(ras, dtype=torch.float64),
+        "original_affine": ras,
+        "spatial_shape": np.asarray(out.shape),
+        "spacing": np.asarray([float(pix[1]), float(pix[0]), spacing_z]),
+        "original_channel_dim": 0,
+        "space": "RAS",
+        "filename_or_obj": str(source) if not isinstance(source, Dataset) else str(getattr(ds, "filename", "") or ""),
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+        "sop_instance_uids": sop_uids(ds)[1],
+        "number_of_frames": n,
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "warnings": "",
+    }
+    return MetaTensor(torch.from_numpy(out[None]), meta=meta)
 
 
 class LoadDicomSeries(Transform):

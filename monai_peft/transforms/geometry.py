@@ -73,6 +73,7 @@ def check_geometry(
     direction_atol: float = 1e-3,
     match_orientation: bool = False,
     names: tuple[str, str] = ("image", "label"),
+    orientation_hint: str | None = None,
 ) -> None:
     """Raise :class:`InputDataError` when two channel-first images do not share the same voxel grid.
 
@@ -84,6 +85,9 @@ def check_geometry(
         match_orientation: compare after flipping/permuting ``other``'s axes to ``reference``'s orientation
             (use when an ``Orientationd`` follows, e.g. a NIfTI label in LAS and a DICOM image in LPS).
         names: how to call the two inputs in the message.
+        orientation_hint: what to do when the axis directions differ (appended to that part of the message).
+            Default: suggest ``match_orientation=True`` (when it is off). Callers without that argument pass
+            their own advice.
 
     Raises:
         InputDataError: shape, spacing, direction or origin differ beyond tolerance; the message lists each
@@ -110,7 +114,10 @@ def check_geometry(
     ref_dir = ref_aff[:3, :nd] / np.where(ref_sp > 0, ref_sp, 1)
     oth_dir = oth_aff[:3, :nd] / np.where(oth_sp > 0, oth_sp, 1)
     if not np.allclose(ref_dir, oth_dir, atol=direction_atol, rtol=0):
-        hint = "" if match_orientation else " (if only the axis order/flip differs, pass match_orientation=True)"
+        if orientation_hint is not None:
+            hint = f" ({orientation_hint})" if orientation_hint else ""
+        else:
+            hint = "" if match_orientation else " (if only the axis order/flip differs, pass match_orientation=True)"
         problems.append(
             f"axis directions differ{hint}: {np.round(oth_dir, 3).tolist()} vs {np.round(ref_dir, 3).tolist()}"
         )

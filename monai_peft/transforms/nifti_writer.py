@@ -1,8 +1,15 @@
-"""NIfTI writing that keeps the affine of the source image (nibabel; qform and sform both set, code 1 = scanner)."""
+"""NIfTI writing that keeps the affine of the source image (nibabel; qform and sform both set, code 1 = scanner).
+
+Writes are atomic: the file is written to a hidden temporary file in the target folder and renamed onto the final
+name (``os.replace``) only when complete, so a failed (disk full, file-size limit) or killed write never leaves a
+partial ``.nii.gz`` under the final name, and an earlier file of that name stays intact.
+"""
 
 from __future__ import annotations
 
+import gzip
 import os
+import tempfile
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,44 @@ from monai.transforms import MapTransform
 from monai_peft.errors import InputDataError
 from monai_peft.transforms.dicom_io import PathLike
 
-__all__ = ["SaveNiftid", "output_stem", "write_nifti"]
+__all__ = ["SaveNiftid", "atomic_nib_save", "output_stem", "write_nifti"]
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def atomic_nib_save(img: nib.Nifti1Image, path: PathLike) -> Path:
+    """``nib.save(img, path)`` through a temporary file in the same folder and ``os.replace``.
+
+    The temporary file is hidden and ends in ``.tmp`` (``.<name>.<random>.tmp``), so a data-set glob for
+    ``*.nii.gz`` never picks up what a killed write leaves; it is gzip-compressed when ``path`` ends in ``.gz``.
+    On any error the temporary file is removed and the exception propagates: ``path`` is then untouched. The
+    data are flushed to disk (``fsync``) before the rename; the file gets the usual ``0o666 & ~umask`` mode.
+    """
+    from nibabel.fileholders import FileHolder
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            if out.name.lower().endswith(".gz"):
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as stream:
+                    img.to_file_map({"image": FileHolder(fileobj=stream)})
+            else:
+                img.to_file_map({"image": FileHolder(fileobj=raw)})
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 def _storage_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
@@ -52,7 +96,9 @@ def write_nifti(
         dtype: storage dtype; default keeps the input (bool -> uint8, float64 -> float32, int64 -> int32).
 
     Returns:
-        The written path. Reading it back with nibabel or MONAI gives the same array and affine.
+        The written path. Reading it back with nibabel or MONAI gives the same array and affine. The write is
+        atomic (temporary file in the same folder, then ``os.replace``): a failed write raises and leaves no file
+        under ``path`` (an earlier file there is kept).
 
     Raises:
         InputDataError: no affine available, or a shape that is not channel-first 3D.
@@ -76,10 +122,9 @@ def write_nifti(
     img = nib.Nifti1Image(arr, aff.astype(np.float64))
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(out))
-    return out
+    if not Path(path).name.lower().endswith((".nii", ".nii.gz")):
+        raise InputDataError(f"write_nifti writes .nii or .nii.gz files, got '{path}'.")
+    return atomic_nib_save(img, path)
 
 
 def output_stem(source: Any) -> str:

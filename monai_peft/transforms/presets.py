@@ -2,7 +2,13 @@
 
 * :func:`cxr_classification_transforms` - chest X-ray (DICOM / PNG / JPEG) for 2D classification backbones;
 * :func:`ct_transforms` - CT from NIfTI / NRRD / DICOM series (+ NIfTI / NRRD / DICOM SEG labels);
-* :func:`mr_transforms` - MR volumes with z-score or percentile normalisation.
+* :func:`mr_transforms` - MR volumes (one file, or several modalities as channels) with z-score (optionally inside
+  a brain / foreground mask) or percentile normalisation, optional crop to the foreground and padding;
+* :func:`invert_preset` - take a prediction made on the preset's grid back to the original image grid.
+
+The volume presets keep every spatial step invertible (``Orientationd``, ``Spacingd``, ``CropForegroundd``,
+``DivisiblePadd``) and the ``MetaTensor`` s keep their ``applied_operations``, so ``monai.transforms.Invertd``
+(with ``transform=<the preset>``) undoes them.
 
 Normalisation must match the statistics the backbone was pre-trained with; :data:`NORMALIZATION_PRESETS` holds
 the usual ones.
@@ -10,13 +16,20 @@ the usual ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    CropForegroundd,
+    DivisiblePadd,
     EnsureTyped,
+    Invertd,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
@@ -27,10 +40,10 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from monai_peft.errors import ConfigError, MonaiPeftError
+from monai_peft.errors import ConfigError, InputDataError, MonaiPeftError
 from monai_peft.transforms.cxr import LoadChestXrayd, Scaling
 from monai_peft.transforms.geometry import CheckGeometryd
-from monai_peft.transforms.intensity import CheckFinited, HUWindowd
+from monai_peft.transforms.intensity import CheckFinited, HUWindowd, MaskedNormalizeIntensityd, above_minimum
 from monai_peft.transforms.volume_io import LoadVolumed
 
 __all__ = [
@@ -38,6 +51,7 @@ __all__ = [
     "PresetCompose",
     "ct_transforms",
     "cxr_classification_transforms",
+    "invert_preset",
     "mr_transforms",
     "normalization_stats",
 ]
@@ -185,18 +199,27 @@ def _volume_front(
     check_geometry: bool,
     axcodes: str | None,
     pixdim: Sequence[float] | None,
+    extra_keys: Sequence[str] = (),
 ) -> list:
-    keys = [image_key] + ([label_key] if label_key else [])
+    """Load -> NaN/Inf checks -> geometry check -> orientation -> spacing, for the image, label and ``extra_keys``
+    (masks: resampled with nearest like the label).
+
+    Only the image may have NaN/Inf replaced (``nan_replace``); a label or mask with NaN/Inf is always refused
+    (a replaced label value would be a silent wrong label)."""
+    others = ([label_key] if label_key else []) + [k for k in extra_keys if k and k != label_key]
+    keys = [image_key, *others]
     steps: list = [
         LoadVolumed(keys, reference_key=image_key, series_uid=series_uid, allow_missing_keys=True),
         CheckFinited(image_key, replace=nan_replace),
     ]
-    if check_geometry and label_key:
+    if others:
+        steps.append(CheckFinited(others, allow_missing_keys=True))
+    if check_geometry and others:
         steps.append(CheckGeometryd(keys, match_orientation=axcodes is not None, allow_missing_keys=True))
     if axcodes is not None:
         steps.append(Orientationd(keys, axcodes=axcodes, labels=None, allow_missing_keys=True))
     if pixdim is not None:
-        modes = ("bilinear", "nearest")[: len(keys)]
+        modes = ["bilinear"] + ["nearest"] * len(others)
         steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode=modes, allow_missing_keys=True))
     return steps
 
@@ -226,7 +249,11 @@ def ct_transforms(
         axcodes: output orientation (``None``: keep).
         series_uid: SeriesInstanceUID for folders with several series.
         check_geometry: fail early when the label is not on the image grid.
-        nan_replace: ``None`` raises on NaN/Inf voxels, a number replaces them.
+        nan_replace: ``None`` raises on NaN/Inf image voxels, a number replaces them. NaN/Inf in the label are
+            always refused (the error gives the count and the file).
+
+    The spatial steps are invertible: :func:`invert_preset` (or ``monai.transforms.Invertd``) maps a prediction
+    back to the original grid.
     """
     steps = _volume_front(image_key, label_key, series_uid, nan_replace, check_geometry, axcodes, pixdim)
     if window is not None:
@@ -249,17 +276,68 @@ def mr_transforms(
     series_uid: str | None = None,
     check_geometry: bool = True,
     nan_replace: float | None = None,
+    norm_mask_key: str | None = None,
+    norm_mask_threshold: float | Literal["min"] | None = None,
+    norm_outside: float | None = 0.0,
+    crop_foreground: bool = False,
+    crop_margin: int | Sequence[int] = 0,
+    divisible_k: int | Sequence[int] | None = None,
 ) -> Compose:
-    """MR pipeline: load (+ label), check, orient, optionally resample, then normalise intensities.
+    """MR pipeline: load (+ label, + mask), check, orient, optionally resample and crop, normalise, optionally pad.
+
+    The image may be several co-registered modalities, one file each (``{"image": [flair, t1c, t2]}``): they
+    become the channels of one ``(C, X, Y, Z)`` image, after a check that every file is on the first one's grid.
+
+    Steps: :class:`LoadVolumed` -> :class:`CheckFinited` (image; label and mask always refuse NaN/Inf)
+    -> :class:`CheckGeometryd` -> ``Orientationd(axcodes)`` -> ``Spacingd(pixdim)`` (bilinear image, nearest
+    label and mask) -> ``CropForegroundd`` (``crop_foreground``) -> normalisation -> ``DivisiblePadd``
+    (``divisible_k``, zero padding after normalisation) -> float32. Every spatial step is invertible
+    (:func:`invert_preset`).
 
     Args:
-        norm: ``"zscore"`` - ``(x - mean) / std`` per channel over non-zero voxels (``nonzero``; the brain /
-            body, not the air); ``"percentile"`` - map the ``lower``..``upper`` percentiles to ``[0, 1]`` and
-            clip; ``None`` - keep intensities.
+        norm: ``"zscore"`` - ``(x - mean) / std`` per channel, over non-zero voxels (``nonzero``) or, when
+            ``norm_mask_key`` / ``norm_mask_threshold`` is given, over the voxels inside that mask
+            (:class:`MaskedNormalizeIntensityd`); ``"percentile"`` - map the ``lower``..``upper`` percentiles to
+            ``[0, 1]`` and clip; ``None`` - keep intensities.
+        norm_mask_key: key of a brain / foreground mask file (e.g. BraTS ``brainmask.nii.gz``), loaded, checked,
+            oriented and resampled (nearest) with the image; the z-score statistics come from its voxels > 0.
+            Needed on z-scored data such as BraTS, whose background is about -3.6, not 0.
+        norm_mask_threshold: instead of (or with) a mask file, voxels ``> threshold`` per channel, or ``"min"``:
+            voxels above the channel minimum (the constant background of skull-stripped data).
+        norm_outside: value of the voxels outside the mask after masked normalisation (``None``: same linear map).
+        crop_foreground: crop to the bounding box of the mask (``norm_mask_key``) or of the voxels above each
+            channel's minimum, plus ``crop_margin`` voxels.
+        divisible_k: zero-pad the spatial size to a multiple of ``k`` (e.g. 32 for a 5-level U-Net / SwinUNETR).
         other arguments: as in :func:`ct_transforms`.
     """
-    steps = _volume_front(image_key, label_key, series_uid, nan_replace, check_geometry, axcodes, pixdim)
-    if norm == "zscore":
+    masked = norm_mask_key is not None or norm_mask_threshold is not None
+    if masked and norm != "zscore":
+        raise ConfigError(
+            f"norm_mask_key / norm_mask_threshold apply to norm='zscore' (z-score inside the mask), not norm={norm!r}."
+        )
+    if norm_mask_key is not None and norm_mask_key in (image_key, label_key):
+        raise ConfigError(f"norm_mask_key '{norm_mask_key}' must differ from the image and label keys.")
+    extra = [norm_mask_key] if norm_mask_key else []
+    steps = _volume_front(image_key, label_key, series_uid, nan_replace, check_geometry, axcodes, pixdim, extra)
+    keys = [image_key] + ([label_key] if label_key else []) + extra
+    if crop_foreground:
+        source = norm_mask_key or image_key
+        select = _positive if norm_mask_key else above_minimum
+        steps.append(
+            CropForegroundd(
+                keys, source_key=source, select_fn=select, margin=crop_margin, allow_smaller=True,
+                allow_missing_keys=True,
+            )
+        )  # fmt: skip
+    if norm == "zscore" and masked:
+        steps.append(
+            MaskedNormalizeIntensityd(
+                image_key, mask_key=norm_mask_key, threshold=norm_mask_threshold, outside=norm_outside
+            )
+        )
+    elif norm == "zscore":
+        if nonzero:
+            steps.append(WarnConstantBackgroundd(image_key))
         steps.append(NormalizeIntensityd(image_key, nonzero=nonzero, channel_wise=True))
     elif norm == "percentile":
         steps.append(
@@ -269,6 +347,99 @@ def mr_transforms(
         )
     elif norm is not None:
         raise ConfigError(f"unknown MR normalisation '{norm}'; use 'zscore', 'percentile' or None.")
-    keys = [image_key] + ([label_key] if label_key else [])
+    if divisible_k is not None:
+        steps.append(DivisiblePadd(keys, k=divisible_k, mode="constant", allow_missing_keys=True))
     steps.append(EnsureTyped(keys, dtype=np.float32, allow_missing_keys=True))
     return PresetCompose(steps)
+
+
+class WarnConstantBackgroundd(MapTransform):
+    """Warn when ``nonzero=True`` z-scoring would include a constant non-zero background.
+
+    Skull-stripped, z-scored MR (BraTS ``*_subtrMeanDivStd``) has its background at one negative value
+    (about -3.6), not 0, so ``NormalizeIntensityd(nonzero=True)`` normalises over the whole volume. When more than
+    ``fraction`` of a channel's voxels equal its minimum and that minimum is not 0, this warns and names the fix
+    (``norm_mask_key=`` or ``norm_mask_threshold="min"``). The data pass through unchanged.
+    """
+
+    def __init__(self, keys: Any, fraction: float = 0.2, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.fraction = fraction
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            flat = torch.as_tensor(img).reshape(img.shape[0], -1)
+            low = flat.amin(dim=1, keepdim=True)
+            share = (flat == low).float().mean(dim=1)
+            for c in range(flat.shape[0]):
+                if float(low[c]) != 0.0 and float(share[c]) > self.fraction:
+                    source = getattr(img, "meta", {}).get("filename_or_obj", "")
+                    warnings.warn(
+                        f"'{key}' channel {c} ({source}): {100 * float(share[c]):.0f} % of the voxels equal the "
+                        f"minimum {float(low[c]):.3g}, a constant non-zero background, so nonzero=True z-scores "
+                        "over the whole volume. Use mr_transforms(norm_mask_key=<brain mask key>) or "
+                        "norm_mask_threshold='min' to normalise inside the brain.",
+                        stacklevel=2,
+                    )
+        return d
+
+
+def _positive(x: Any) -> Any:
+    """Mask voxels > 0 (``select_fn`` of the foreground crop on a mask key)."""
+    return x > 0
+
+
+def invert_preset(
+    preset: Compose,
+    data: Mapping[Hashable, Any],
+    keys: str | Sequence[str] = "pred",
+    *,
+    orig_key: str = "image",
+    nearest_interp: bool | Sequence[bool] = True,
+    device: str | None = None,
+) -> dict[Hashable, Any]:
+    """Map predictions made on the preset's grid back to the original image grid (a checked ``Invertd``).
+
+    ``data`` is the preset's output dictionary with the prediction(s) added under ``keys`` (e.g. a
+    ``(K, X', Y', Z')`` probability map or a ``(1, X', Y', Z')`` label from sliding-window inference on
+    ``data[orig_key]``). Each spatial step of the preset (``Orientationd``, ``Spacingd``, ``CropForegroundd``,
+    ``DivisiblePadd``) is undone in reverse order, from ``data[orig_key].applied_operations``; the result has the
+    shape and affine of the image as loaded (``(K, X, Y, Z)``).
+
+    Args:
+        preset: the ``Compose`` that made ``data`` (e.g. ``mr_transforms(...)``); the same object or an identical one.
+        data: the preset's output plus the prediction(s).
+        keys: prediction key(s) to invert, in place.
+        orig_key: the key the preset transformed whose grid the predictions share.
+        nearest_interp: resample with nearest neighbour (labels; default) or the preset's modes (probabilities).
+        device: optional device for the inverted tensors.
+
+    Returns:
+        A new dict in which ``keys`` hold the inverted ``MetaTensor`` s.
+
+    Raises:
+        InputDataError: ``orig_key`` is absent or lost its transform record, or a prediction is not on its grid.
+    """
+    key_list = [keys] if isinstance(keys, str) else list(keys)
+    ref = data.get(orig_key)
+    if not isinstance(ref, MetaTensor):
+        raise InputDataError(
+            f"invert_preset needs data['{orig_key}'] as the MetaTensor the preset produced (it holds the applied "
+            "operations to undo); keep that key in the dict and do not convert it to a plain tensor / numpy."
+        )
+    for k in key_list:
+        if k not in data:
+            raise InputDataError(f"invert_preset: prediction key '{k}' is not in the data.")
+        pred = data[k]
+        if tuple(pred.shape[1:]) != tuple(ref.shape[1:]):
+            raise InputDataError(
+                f"prediction '{k}' has spatial shape {tuple(pred.shape[1:])} but '{orig_key}' after the preset has "
+                f"{tuple(ref.shape[1:])}: predict on the preset's output grid (sliding-window inference keeps it), "
+                "then invert."
+            )
+    inverter = Invertd(
+        key_list, transform=preset, orig_keys=orig_key, nearest_interp=nearest_interp, device=device, to_tensor=True
+    )
+    return inverter(dict(data))

@@ -80,7 +80,7 @@ def test_stacked_convs_grow_the_erf_and_batches_from_an_iterable():
 # -- layouts and PeftModels ------------------------------------------------------------------------------
 def test_vit_tokens_are_reshaped_to_the_grid_and_prefix_is_dropped():
     torch.manual_seed(0)
-    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig())
+    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig(grid=[4, 4]))
     res = erf.compute_erf(model, torch.randn(2, 1, 32, 32), "blocks.1")
     assert res.layout == "tokens" and res.output_grid == (4, 4) and res.centre == (2, 2)
     assert res.input_shape == (32, 32)
@@ -138,7 +138,7 @@ def test_dka_erf_is_larger_than_bottleneck_adapter_after_a_few_training_steps():
     (trained, not at an arbitrary init); 5 steps keep the test fast and deterministic."""
     x, y, x_eval = _erf_inputs()
     ratios = {}
-    for name, cfg in (("dka", DKAConfig(bottleneck=16)), ("adapter", mp.AdapterConfig(bottleneck=16))):
+    for name, cfg in (("dka", DKAConfig(bottleneck=16, grid=[8, 8])), ("adapter", mp.AdapterConfig(bottleneck=16))):
         model = _vit_with(cfg).train()
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(2)
@@ -155,7 +155,7 @@ def test_dka_erf_is_larger_with_identical_projections_at_init():
     """Mechanism check: copy the DKA's W_down / W_up into a bias-free Houlsby adapter (no dropout on either), so the
     two differ only by the depthwise convolutions (and DKA's second GELU); the DKA's ERF is larger."""
     x_eval = _erf_inputs()[2]
-    dka_model = _vit_with(DKAConfig(bottleneck=16, dropout=0.0))
+    dka_model = _vit_with(DKAConfig(bottleneck=16, dropout=0.0, grid=[8, 8]))
     houlsby = _vit_with(mp.AdapterConfig(bottleneck=16, bias=False))
     pairs = zip(
         [m for m in dka_model.modules() if isinstance(m, DualKernelAdapter)],
@@ -195,10 +195,24 @@ def test_cli_erf_on_real_pneumoniamnist(tmp_path, capsys):
     res = erf.compute_erf(model, images, "layer2.0")
     assert res.num_images == 3 and 0 < res.area_ratios[0.5] < 1
     out = tmp_path / "erf.png"
-    rc = main([
-        "erf", "--backbone", "efficientnet_lite0", "--data", str(npz), "--num-images", "2", "--image-size", "64",
-        "--layer", "_blocks.3.7", "--out", str(out), "--json",
-    ])
+    rc = main(
+        [
+            "erf",
+            "--backbone",
+            "efficientnet_lite0",
+            "--data",
+            str(npz),
+            "--num-images",
+            "2",
+            "--image-size",
+            "64",
+            "--layer",
+            "_blocks.3.7",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file()
     assert "area ratio holding 50% of the contribution" in text and '"output_grid": [\n    4,\n    4\n  ]' in text

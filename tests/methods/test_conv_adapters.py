@@ -25,8 +25,12 @@ from tests.helpers import first, grad_report, randomize_adapter_params, tiny_res
 
 def bottleneck_resnet(spatial_dims: int = 2) -> nets.ResNet:
     return nets.ResNet(
-        block="bottleneck", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 16, 16], spatial_dims=spatial_dims,
-        n_input_channels=1, num_classes=3,
+        block="bottleneck",
+        layers=[1, 1, 1, 1],
+        block_inplanes=[8, 16, 16, 16],
+        spatial_dims=spatial_dims,
+        n_input_channels=1,
+        num_classes=3,
     )
 
 
@@ -97,7 +101,9 @@ def test_save_load_round_trip_is_bit_exact(make, shape, cfg, tmp_path):
 TRAIN_CASES = [
     pytest.param(NETS[0].values[0], NETS[0].values[1], ConvAdapterConfig(), id="basic-2d-conv_adapter"),
     pytest.param(NETS[1].values[0], NETS[1].values[1], ConvAdapterConfig(), id="basic-3d-conv_adapter"),
-    pytest.param(NETS[0].values[0], NETS[0].values[1], ConvAdapterConfig(placement="residual_sequential"), id="basic-2d-ca-rs"),
+    pytest.param(
+        NETS[0].values[0], NETS[0].values[1], ConvAdapterConfig(placement="residual_sequential"), id="basic-2d-ca-rs"
+    ),
     pytest.param(NETS[0].values[0], NETS[0].values[1], TSAConfig(), id="basic-2d-tsa"),
     pytest.param(NETS[1].values[0], NETS[1].values[1], TSAConfig(), id="basic-3d-tsa"),
 ]
@@ -170,7 +176,9 @@ def test_conv_adapter_equations():
     assert a.gconv.padding == (1, 1)  # centred on the dilated kernel's centre tap
     expected = conv(x) + a.alpha.view(1, -1, 1, 1) * a.pw(F.relu(a.gconv(x)))
     torch.testing.assert_close(par(x), expected)
-    seq = mp.get_peft_model(nn.Sequential(copy.deepcopy(conv)), ConvAdapterConfig(target_modules=["0"], placement="conv_sequential"))
+    seq = mp.get_peft_model(
+        nn.Sequential(copy.deepcopy(conv)), ConvAdapterConfig(target_modules=["0"], placement="conv_sequential")
+    )
     randomize_adapter_params(seq)
     s = seq.base_model[0].adapters["default"]
     y = conv(x)
@@ -184,10 +192,14 @@ def test_grouped_width():
 
 
 def test_conv_adapter_refusals():
-    with pytest.raises(mp.MethodNotApplicableError, match=r"conv_adapter found nothing.*no convolution.*TransformerBlock"):
+    with pytest.raises(
+        mp.MethodNotApplicableError, match=r"conv_adapter found nothing.*no convolution.*TransformerBlock"
+    ):
         mp.get_peft_model(tiny_vit(2), ConvAdapterConfig())
     with pytest.raises(mp.MethodNotApplicableError, match="cannot run beside 0: its padding"):
-        mp.get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, padding=0)), ConvAdapterConfig(target_modules=["0"], kernel_size=1))
+        mp.get_peft_model(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=0)), ConvAdapterConfig(target_modules=["0"], kernel_size=1)
+        )
     with pytest.raises(mp.MethodNotApplicableError, match="ConvTranspose2d"):
         mp.get_peft_model(nn.Sequential(nn.ConvTranspose2d(4, 4, 2, stride=2)), ConvAdapterConfig(target_modules=["0"]))
     with pytest.raises(mp.ConfigError, match="placement"):
@@ -240,13 +252,17 @@ CONVS = [
     pytest.param(nn.Conv2d(4, 6, 2, stride=2), (2, 4, 9, 9), True, id="2x2-stride2-odd-input"),
     pytest.param(nn.Conv2d(4, 6, 4, padding="same"), (2, 4, 9, 9), True, id="even-same"),
     pytest.param(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 9, 9), True, id="reflect-aligned"),
-    pytest.param(nn.Conv2d(4, 6, 3, padding=2, padding_mode="replicate"), (2, 4, 9, 9), False, id="replicate-misaligned"),
+    pytest.param(
+        nn.Conv2d(4, 6, 3, padding=2, padding_mode="replicate"), (2, 4, 9, 9), False, id="replicate-misaligned"
+    ),
     pytest.param(nn.Conv2d(4, 8, 3, padding=1, groups=2), (2, 4, 9, 9), False, id="grouped"),
     pytest.param(nn.Conv1d(3, 5, 5, stride=3, padding=2), (2, 3, 17), True, id="conv1d"),
     pytest.param(nn.Conv3d(3, 5, 3, stride=(1, 2, 2), padding=1), (1, 3, 6, 7, 8), True, id="conv3d"),
     pytest.param(nn.Conv3d(3, 5, (3, 1, 3), padding=(1, 0, 0)), (1, 3, 5, 5, 5), True, id="conv3d-anisotropic-valid"),
     pytest.param(nn.ConvTranspose2d(4, 6, 2, stride=2), (2, 4, 5, 5), True, id="convT-2x2"),
-    pytest.param(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 5, 5), True, id="convT-3x3"),
+    pytest.param(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 5, 5), True, id="convT-3x3"
+    ),
     pytest.param(nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1), (1, 3, 3, 4, 4), True, id="convT3d"),
     pytest.param(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2), (1, 4, 4, 4), False, id="convT-grouped"),
 ]
@@ -327,11 +343,19 @@ def test_resnet50_counts():
     def count(cfg, tuner_cls):
         with torch.device("meta"):
             net = nets.ResNet(
-                block="bottleneck", layers=[3, 4, 6, 3], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
-                n_input_channels=3, num_classes=1000,
+                block="bottleneck",
+                layers=[3, 4, 6, 3],
+                block_inplanes=[64, 128, 256, 512],
+                spatial_dims=2,
+                n_input_channels=3,
+                num_classes=1000,
             )
         tuner_cls(cfg).inject(net, "default")
-        return sum({id(p): p.numel() for m in net.modules() if isinstance(m, AdapterLayer) for p in m.adapters.parameters()}.values())
+        return sum(
+            {
+                id(p): p.numel() for m in net.modules() if isinstance(m, AdapterLayer) for p in m.adapters.parameters()
+            }.values()
+        )
 
     assert count(TSAConfig(), TSATuner) == 10_616_832
     assert count(TSAConfig(shortcuts=True), TSATuner) == 13_385_728

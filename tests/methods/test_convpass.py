@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from monai.networks import nets
 
 import monai_peft as mp
-from monai_peft.methods.convpass import ConvBypass, ConvpassConfig, ConvpassLayer, token_grid
+from monai_peft.methods.convpass import ConvBypass, ConvpassConfig, ConvpassLayer
+from monai_peft.methods.token_geometry import GridProbeLayer
 from tests.helpers import (
     first,
     grad_report,
@@ -27,7 +28,9 @@ from tests.helpers import (
 CASES = [
     pytest.param(lambda: tiny_vit(2), (2, 1, 32, 32), {}, id="vit-2d"),
     pytest.param(lambda: tiny_vit(3), (2, 1, 32, 32, 32), {}, id="vit-3d"),
-    pytest.param(lambda: tiny_vit(2), (2, 1, 32, 32), {"conv_init": "xavier", "positions": ["attn"]}, id="vit-2d-xavier-attn"),
+    pytest.param(
+        lambda: tiny_vit(2), (2, 1, 32, 32), {"conv_init": "xavier", "positions": ["attn"]}, id="vit-2d-xavier-attn"
+    ),
     pytest.param(lambda: tiny_unetr(3), (1, 1, 32, 32, 32), {}, id="unetr-3d"),
 ]
 
@@ -39,7 +42,9 @@ def test_identity_at_init_shapes_and_only_bypass_gets_gradients(make, shape, kw)
     with torch.no_grad():
         ref = first(net(x))
     model = mp.get_peft_model(net, ConvpassConfig(**kw))
-    n_layers = len(model.adapter_layers())
+    layers = [layer for _, layer in model.adapter_layers()]
+    assert sum(isinstance(layer, GridProbeLayer) for layer in layers) == 1  # the patch embedding's grid probe
+    n_layers = sum(isinstance(layer, ConvpassLayer) for layer in layers)
     assert n_layers == len(kw.get("positions", ["attn", "mlp"])) * (2 if "vit" in type(net).__name__.lower() else 12)
     model.eval()
     with torch.no_grad():
@@ -77,6 +82,7 @@ def test_a_few_steps_reduce_the_loss(make, shape, kw):
 
 def _reference_bypass(bp: ConvBypass, z: torch.Tensor, grid: tuple[int, ...], prefix: int) -> torch.Tensor:
     """CB(z) written out with functional ops: the CLS token meets only the centre tap and the bias."""
+
     def qg(a):
         return a * torch.sigmoid(1.702 * a)
 
@@ -95,7 +101,7 @@ def _reference_bypass(bp: ConvBypass, z: torch.Tensor, grid: tuple[int, ...], pr
 @pytest.mark.parametrize("dims", [2, 3])
 def test_block_computes_the_convpass_equation(dims):
     net = tiny_vit(dims)
-    model = mp.get_peft_model(net, ConvpassConfig(scale=0.7, dropout=0.0))
+    model = mp.get_peft_model(net, ConvpassConfig(scale=0.7, dropout=0.0, grid_size=[4] * dims))
     randomize_adapter_params(model, std=0.3)
     model.eval()
     blk = net.blocks[0]
@@ -128,29 +134,18 @@ def test_parameter_count_and_vit_b_numbers():
     assert model.trainable_parameters()[0] == 2 * 2 * per_bypass
 
 
-def test_token_grid_inference_and_errors():
-    assert token_grid(197, 2) == ((14, 14), 1)
-    assert token_grid(196, 2) == ((14, 14), 0)
-    assert token_grid(513, 3) == ((8, 8, 8), 1)
-    assert token_grid(40, 3, grid=(4, 5, 2)) == ((4, 5, 2), 0)
-    assert token_grid(45, 3, grid=(4, 5, 2)) == ((4, 5, 2), 5)
-    with pytest.raises(mp.MonaiPeftError, match="not a 2D square patch grid"):
-        token_grid(150, 2)
-    with pytest.raises(mp.MonaiPeftError, match="does not fit the 4x5x2 patch grid"):
-        token_grid(39, 3, grid=(4, 5, 2))
-    with pytest.raises(mp.MonaiPeftError, match="does not fit"):
-        token_grid(41, 3, grid=(4, 5, 2), num_prefix_tokens=0)
-
-
 def test_token_count_that_is_not_a_grid_raises_clearly():
     model = mp.get_peft_model(tiny_vit(2), ConvpassConfig())
     attn = model.base_model.blocks[0].attn
-    with pytest.raises(mp.MonaiPeftError, match="does not fit the 4x4 patch grid"):
+    with pytest.raises(mp.MonaiPeftError, match="grid of this 17-token sequence is unknown"):
+        attn(torch.randn(1, 17, 48))  # MONAI's ViT stores no grid and no forward pass has shown one yet
+    model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(mp.MonaiPeftError, match="cannot hold the 4x4 patch grid plus 1 prefix"):
         attn(torch.randn(1, 10, 48))
-    # without a known grid, the runtime count must be a square (+ 0 or 1 prefix token)
-    bp = ConvBypass(48, 8, 2)
-    with pytest.raises(mp.MonaiPeftError, match="not a 2D square patch grid"):
-        bp(torch.randn(1, 11, 48))
+    # a bypass on its own needs its grid: a square count is never taken as a square grid
+    with pytest.raises(mp.MonaiPeftError, match="unknown.*grid_size"):
+        ConvBypass(48, 8, 2)(torch.randn(1, 17, 48))
+    bp = ConvBypass(48, 8, 2, grid=(4, 4))
     assert bp(torch.randn(1, 17, 48)).shape == (1, 17, 48)
     with pytest.raises(mp.MonaiPeftError, match=r"\(B, N, 48\)"):
         bp(torch.randn(1, 48, 4, 4))
@@ -161,23 +156,38 @@ def test_extra_prefix_tokens_go_through_the_centre_tap():
     model = mp.get_peft_model(tiny_vit(2), ConvpassConfig(dropout=0.0))
     randomize_adapter_params(model, std=0.3)
     bp = model.base_model.blocks[0].attn.adapters["default"]
+    model(torch.randn(1, 1, 32, 32))  # the patch embedding's probe records the 4 x 4 grid
     z = torch.randn(2, 3 + 16, 48)  # CLS + 2 prompts + 4x4 patches
     with torch.no_grad():
         torch.testing.assert_close(bp(z), _reference_bypass(bp, z, (4, 4), 3), rtol=1e-5, atol=1e-6)
 
 
-def test_non_cubic_grid_needs_grid_size_and_then_works():
+def test_non_cubic_grid_is_read_from_the_input_or_given():
     def make():
         return nets.ViT(
-            in_channels=1, img_size=(32, 16, 24), patch_size=8, spatial_dims=3, hidden_size=48, mlp_dim=96,
-            num_layers=1, num_heads=4, classification=True, num_classes=2,
+            in_channels=1,
+            img_size=(32, 16, 24),
+            patch_size=8,
+            spatial_dims=3,
+            hidden_size=48,
+            mlp_dim=96,
+            num_layers=1,
+            num_heads=4,
+            classification=True,
+            num_classes=2,
         )
 
-    with pytest.raises(mp.ConfigError, match="grid_size"):
-        mp.get_peft_model(make(), ConvpassConfig())
+    x = torch.randn(2, 1, 32, 16, 24)
+    probed = mp.get_peft_model(make(), ConvpassConfig())
+    given = mp.get_peft_model(make(), ConvpassConfig(grid_size=[4, 2, 3]))
+    randomize_adapter_params(probed)
+    given.load_state_dict(probed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(first(probed.eval()(x)), first(given.eval()(x)), rtol=0, atol=0)
+    with pytest.raises(mp.ConfigError, match="does not fit"):
+        mp.get_peft_model(make(), ConvpassConfig(grid_size=[4, 4, 4]))  # 64 patches, the network makes 24
     model = mp.get_peft_model(make(), ConvpassConfig(grid_size=[4, 2, 3]))
     randomize_adapter_params(model)
-    x = torch.randn(2, 1, 32, 16, 24)
     assert first(model(x)).shape == (2, 2)
     # the bypass sees the patches in the patch embedding's row-major order
     bp = model.base_model.blocks[0].attn.adapters["default"]
@@ -195,7 +205,7 @@ def test_cnn_and_swin_are_refused_with_the_reason():
 
 def test_explicit_sublayer_targets_and_config_round_trip():
     model = mp.get_peft_model(tiny_vit(2), ConvpassConfig(target_modules=["blocks.1.mlp"]))
-    assert [p for p, _ in model.adapter_layers()] == ["blocks.1.mlp"]
+    assert [p for p, layer in model.adapter_layers() if isinstance(layer, ConvpassLayer)] == ["blocks.1.mlp"]
     cfg = ConvpassConfig(grid_size=(4, 4), positions=["mlp"])
     assert mp.PeftConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(mp.ConfigError, match="kernel_size"):
@@ -213,9 +223,9 @@ def test_timm_vit_blocks():
     with torch.no_grad():
         ref = net(x)
     model = mp.get_peft_model(net, ConvpassConfig(target_types=["Block"]))
-    assert len(model.adapter_layers()) == 4
+    assert sum(isinstance(layer, ConvpassLayer) for _, layer in model.adapter_layers()) == 4
     bp = net.blocks[0].attn.adapters["default"]
-    assert bp.grid == (4, 4) and bp.num_prefix_tokens is None  # derived at run time: N - 16
+    assert bp.grid == (4, 4) and bp.num_prefix_tokens == 1  # timm's grid_size and num_prefix_tokens
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
@@ -231,10 +241,19 @@ def test_vit_b16_count_matches_the_paper():
 
     with torch.device("meta"):
         net = nets.ViT(
-            in_channels=3, img_size=(224, 224), patch_size=16, spatial_dims=2, hidden_size=768, mlp_dim=3072,
-            num_layers=12, num_heads=12, classification=True, num_classes=1000, qkv_bias=True,
+            in_channels=3,
+            img_size=(224, 224),
+            patch_size=16,
+            spatial_dims=2,
+            hidden_size=768,
+            mlp_dim=3072,
+            num_layers=12,
+            num_heads=12,
+            classification=True,
+            num_classes=1000,
+            qkv_bias=True,
         )
     ConvpassTuner(ConvpassConfig()).inject(net, "default")
     params = {id(p): p.numel() for m in net.modules() if isinstance(m, AdapterLayer) for p in m.adapters.parameters()}
     assert sum(params.values()) == 327_552
-    assert net.blocks[0].attn.adapters["default"].grid == (14, 14)
+    assert net.blocks[0].attn.adapters["default"].grid is None  # MONAI's ViT stores 196 patches, not 14 x 14

@@ -44,7 +44,6 @@ NETS = {  # name: (spatial_dims, conditioned: cross-attention transformer blocks
 }
 
 
-
 def _as_pretrained(net: nn.Module, seed: int) -> nn.Module:
     """MONAI zero-initialises the last conv of every residual branch and the output conv
     (``zero_module``), so a fresh U-Net passes no gradient upstream of them. Give those tensors
@@ -63,7 +62,13 @@ def _as_pretrained(net: nn.Module, seed: int) -> nn.Module:
 
 def tiny_unet(spatial_dims: int = 2, conditioned: bool = False, seed: int = 0, **kw) -> DiffusionModelUNet:
     torch.manual_seed(seed)
-    args = {"channels": (8, 16), "attention_levels": (False, True), "num_res_blocks": 1, "num_head_channels": 8, "norm_num_groups": 8}
+    args = {
+        "channels": (8, 16),
+        "attention_levels": (False, True),
+        "num_res_blocks": 1,
+        "num_head_channels": 8,
+        "norm_num_groups": 8,
+    }
     if conditioned:
         args.update(with_conditioning=True, cross_attention_dim=CTX, num_class_embeds=3)
     net = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=1, out_channels=1, **{**args, **kw})
@@ -442,7 +447,9 @@ def test_ddpm_noise_prediction_loss_decreases(method, net_name):
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        final = F.mse_loss(inferer(inputs=images, diffusion_model=unet, noise=noise, timesteps=timesteps, condition=context), noise).item()
+        final = F.mse_loss(
+            inferer(inputs=images, diffusion_model=unet, noise=noise, timesteps=timesteps, condition=context), noise
+        ).item()
     assert final < 0.95 * losses[0], (method, losses, final)
     for n, p in model.named_parameters():
         if n in frozen:
@@ -463,7 +470,12 @@ def _n(factory, *args, name):
 GENERIC = [
     Case("svdiff", {"target_types": ["Linear"]}, _n(h.tiny_vit, 2, name="vit"), (2, 1, 32, 32)),
     Case("svdiff", {"target_types": ["Conv3d"]}, _n(h.tiny_resnet, 3, name="resnet"), (2, 1, 16, 16, 16)),
-    Case("difffit", {"target_modules": ["attn.out_proj", "mlp.linear2"]}, _n(h.tiny_vit, 3, name="vit"), (2, 1, 32, 32, 32)),
+    Case(
+        "difffit",
+        {"target_modules": ["attn.out_proj", "mlp.linear2"]},
+        _n(h.tiny_vit, 3, name="vit"),
+        (2, 1, 32, 32, 32),
+    ),
     Case("diffusion_bias_norm_attention", {}, _n(h.tiny_vit, 2, name="vit"), (2, 1, 32, 32)),
 ]
 
@@ -505,7 +517,9 @@ def test_difffit_on_a_network_that_is_not_a_diffusion_unet_fails_clearly():
 def test_bias_norm_attention_errors():
     with pytest.raises(mp.MethodNotApplicableError, match="no attention block"):
         mp.get_peft_model(tiny_unet(), mp.get_config("diffusion_bias_norm_attention", target_modules=["attn9"]))
-    model = mp.get_peft_model(tiny_unet(attention_levels=(False, False)), mp.get_config("diffusion_bias_norm_attention", attention=False))
+    model = mp.get_peft_model(
+        tiny_unet(attention_levels=(False, False)), mp.get_config("diffusion_bias_norm_attention", attention=False)
+    )
     assert model.trainable_parameters()[0] > 0
     with pytest.raises(mp.ConfigError, match="at least one"):
         mp.get_config("diffusion_bias_norm_attention", bias=False, norm=False, attention=False)

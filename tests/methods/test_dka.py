@@ -47,8 +47,9 @@ NETS = [
 NET_IDS = [f"{f.__name__}-{len(s) - 2}d" for f, s in NETS]
 
 ENGINE_CASES = [
-    Case("dka", {"zero_init": True}, VIT2, (2, 1, 32, 32)),
-    Case("dka", {"zero_init": True}, VIT3, (2, 1, 32, 32, 32)),
+    # MONAI's ViT stores its patch count, not its grid: DKA is told the grid (or the input shape)
+    Case("dka", {"zero_init": True, "grid": [4, 4]}, VIT2, (2, 1, 32, 32)),
+    Case("dka", {"zero_init": True, "input_shape": [1, 32, 32, 32]}, VIT3, (2, 1, 32, 32, 32)),
     Case("dka", {"zero_init": True, "large_kernel": 15}, SWIN2, (1, 1, 64, 64)),
     Case("dka", {"zero_init": True}, RES3, (2, 1, 16, 16, 16)),
     Case("dka", {"bottleneck": 4, "large_kernel_mode": "full", "large_kernel": 7}, RES3, (2, 1, 16, 16, 16)),
@@ -79,7 +80,7 @@ def test_shapes_token_counts_and_gradients_default_init(make, shape):
     with torch.no_grad():
         ref = net(x)
     head = ["classification_head"] if isinstance(net, type(h.tiny_vit())) else None
-    model = mp.get_peft_model(net, DKAConfig(), modules_to_save=head)
+    model = mp.get_peft_model(net, DKAConfig(input_shape=list(shape[1:])), modules_to_save=head)
     model.eval()
     with torch.no_grad():
         out = model(x)
@@ -90,8 +91,9 @@ def test_shapes_token_counts_and_gradients_default_init(make, shape):
         assert out.shape == ref.shape
     # default init (reference code): W_up is not zero, the model is not the base model
     assert not torch.allclose(h.first(out), h.first(ref))
-    blocks = mp.find_targets(model.base_model, mp.get_preset(model.base_model).role("blocks"))
-    assert [n for n, _ in model.adapter_layers()] == blocks and len(_adapters(model)) == len(blocks)
+    blocks = mp.find_targets(model.base_model, mp.get_preset(model.base_model).role("block"))
+    adapted = [n for n, layer in model.adapter_layers() if isinstance(layer, dka.DKALayer)]
+    assert adapted == blocks and len(_adapters(model)) == len(blocks)
     model.train()
     out = model(x)
     # ViT: the loss also uses the hidden states: with CLS pooling the convolutions of the *last* block's DKA cannot
@@ -128,11 +130,11 @@ def test_swinunetr_3d_encoder_shapes_and_gradients():
 
 def test_one_adapter_per_block_by_default_and_two_with_sublayers():
     net = h.tiny_vit(2, layers=3)
-    model = mp.get_peft_model(net, DKAConfig())
-    names = [n for n, layer in model.adapter_layers()]
+    model = mp.get_peft_model(net, DKAConfig(grid=[4, 4]))
+    names = [n for n, layer in model.adapter_layers() if isinstance(layer, dka.DKALayer)]
     assert names == ["blocks.0", "blocks.1", "blocks.2"]
-    model2 = mp.get_peft_model(h.tiny_vit(2, layers=3), DKAConfig(adapters_per_block=2))
-    names2 = [n for n, layer in model2.adapter_layers()]
+    model2 = mp.get_peft_model(h.tiny_vit(2, layers=3), DKAConfig(adapters_per_block=2, grid=[4, 4]))
+    names2 = [n for n, layer in model2.adapter_layers() if isinstance(layer, dka.DKALayer)]
     assert sorted(names2) == sorted(f"blocks.{i}.{s}" for i in range(3) for s in ("attn", "mlp"))
     x = torch.randn(2, 1, 32, 32)
     assert h.first(model2(x)).shape == (2, 3)
@@ -148,10 +150,10 @@ def test_zero_init_variant_is_identity_and_default_is_not():
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         ref = h.first(net(x))
-        zero = mp.get_peft_model(copy.deepcopy(net), DKAConfig(zero_init=True)).eval()
+        zero = mp.get_peft_model(copy.deepcopy(net), DKAConfig(zero_init=True, grid=[4, 4])).eval()
         torch.testing.assert_close(h.first(zero(x)), ref, rtol=0, atol=0)
         assert all(a.up.weight.abs().sum() == 0 for a in _adapters(zero))
-        default = mp.get_peft_model(copy.deepcopy(net), DKAConfig()).eval()
+        default = mp.get_peft_model(copy.deepcopy(net), DKAConfig(grid=[4, 4])).eval()
         assert all(a.up.weight.abs().sum() > 0 for a in _adapters(default))
         assert not torch.allclose(h.first(default(x)), ref)
 
@@ -173,7 +175,14 @@ def test_token_branch_matches_the_equation_and_cls_bypasses_the_convolutions():
     torch.manual_seed(0)
     c, m, grid = 24, 6, (5, 7)
     a = DualKernelAdapter(
-        c, m, spatial_dims=2, large_kernel=(9, 13), small_kernel=(5, 5), grid=grid, num_prefix_tokens=1, backend="direct"
+        c,
+        m,
+        spatial_dims=2,
+        large_kernel=(9, 13),
+        small_kernel=(5, 5),
+        grid=grid,
+        num_prefix_tokens=1,
+        backend="direct",
     ).eval()
     x = torch.randn(3, 1 + 35, c)
     y = a(x)
@@ -197,7 +206,7 @@ def test_last_block_convs_do_not_reach_cls_logits():
     """A documented consequence of the reference design: the CLS token bypasses the convolutions, so in a
     CLS-pooled ViT the last block's depthwise kernels get no gradient from a classification loss."""
     torch.manual_seed(0)
-    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig(), modules_to_save=["classification_head"]).train()
+    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig(grid=[4, 4]), modules_to_save=["classification_head"]).train()
     h.first(model(torch.randn(2, 1, 32, 32))).square().mean().backward()
     last, first = _adapters(model)[-1], _adapters(model)[0]
     assert last.large.weight.grad.abs().sum() == 0 and last.small.weight.grad.abs().sum() == 0
@@ -206,7 +215,7 @@ def test_last_block_convs_do_not_reach_cls_logits():
 
 def test_cls_bypass_inside_a_vit_block():
     torch.manual_seed(0)
-    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig()).eval()
+    model = mp.get_peft_model(h.tiny_vit(2), DKAConfig(grid=[4, 4])).eval()
     layer = model.base_model.blocks[0]
     a = layer.adapters["default"]
     tokens = torch.randn(2, 17, 48)
@@ -274,7 +283,7 @@ def test_dilated_kernel_matches_the_zero_stuffed_literal_kernel(d):
     expected = conv(x, spread, padding=6, groups=3)  # literal, uncropped (taps at +-6 / +-3, 0)
     torch.testing.assert_close(direct(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fft(x), expected, rtol=1e-4, atol=1e-4)
-    model = mp.get_peft_model(h.tiny_vit(3, img=64), DKAConfig(large_kernel_mode="dilated"))  # 8^3 grid, span 15
+    model = mp.get_peft_model(h.tiny_vit(3, img=64), DKAConfig(large_kernel_mode="dilated", grid=[8, 8, 8]))  # span 15
     a = _adapters(model)[0]
     assert a.large.kernel_size == (5, 5, 5) and a.large.dilation == (4, 4, 4)
     assert sum(p.numel() for p in a.parameters()) == dka.dka_parameter_count(48, 16, (15,) * 3, (5,) * 3, "dilated")
@@ -297,7 +306,7 @@ def test_kernels_are_clamped_to_the_token_grid_and_initialised_as_the_crop():
     assert dka.clamp_kernel((5, 5), (2, 9)) == (3, 5)
     assert dka.clamp_kernel((51,), None) == (51,)
     torch.manual_seed(0)
-    model = mp.get_peft_model(h.tiny_vit(2, img=64, patch=8), DKAConfig())  # 8 x 8 grid
+    model = mp.get_peft_model(h.tiny_vit(2, img=64, patch=8), DKAConfig(input_shape=[1, 64, 64]))  # 8 x 8 grid
     a = _adapters(model)[0]
     assert a.large.kernel_size == (15, 15) and a.small.kernel_size == (5, 5)
     assert a.grid == (8, 8) and a.num_prefix_tokens == 1
@@ -314,7 +323,7 @@ def test_kernels_are_clamped_to_the_token_grid_and_initialised_as_the_crop():
 def test_parameter_count_formula_2d_is_exact():
     torch.manual_seed(0)
     c, m = 48, 16
-    model = mp.get_peft_model(h.tiny_vit(2, img=64, patch=8, layers=2), DKAConfig(bottleneck=m))
+    model = mp.get_peft_model(h.tiny_vit(2, img=64, patch=8, layers=2), DKAConfig(bottleneck=m, grid=[8, 8]))
     per_block = m * (2 * c + 15**2 + 5**2)  # m (2C + k_l^2 + k_s^2), clamped k_l = 2 * 8 - 1
     for a in _adapters(model):
         assert sum(p.numel() for p in a.parameters()) == per_block
@@ -329,12 +338,14 @@ def test_parameter_count_formula_2d_is_exact():
 def test_parameter_count_3d_separable_and_full():
     torch.manual_seed(0)
     c, m = 48, 16
-    sep = mp.get_peft_model(h.tiny_vit(3), DKAConfig(bottleneck=m, large_kernel_mode="separable"))  # 4^3 grid: k_l = 7
+    sep = mp.get_peft_model(
+        h.tiny_vit(3), DKAConfig(bottleneck=m, large_kernel_mode="separable", grid=[4, 4, 4])
+    )  # k_l = 7
     for a in _adapters(sep):
         assert a.large_kernel_mode == "separable"
         assert sum(p.numel() for p in a.parameters()) == m * (2 * c + 3 * 7 + 5**3)
     # auto: the clamped 7^3 cube (343 taps) fits the 2D budget 51^2, so the literal cube is used
-    auto = mp.get_peft_model(h.tiny_vit(3), DKAConfig(bottleneck=m))
+    auto = mp.get_peft_model(h.tiny_vit(3), DKAConfig(bottleneck=m, grid=[4, 4, 4]))
     for a in _adapters(auto):
         assert a.large_kernel_mode == "full"
         assert sum(p.numel() for p in a.parameters()) == m * (2 * c + 7**3 + 5**3)
@@ -360,8 +371,11 @@ def test_non_square_vit_needs_an_explicit_grid():
     with pytest.raises(MethodNotApplicableError, match=r"grid") as info:
         mp.get_peft_model(vit(), DKAConfig())
     assert "24 patches" in str(info.value) and "Methods that apply" in str(info.value)
+    with pytest.raises(MethodNotApplicableError, match="does not fit"):
+        mp.get_peft_model(vit(), DKAConfig(grid=[4, 4]))  # 16 patches: not this network's 24
     model = mp.get_peft_model(vit(), DKAConfig(grid=[4, 6]))
     assert _adapters(model)[0].grid == (4, 6)
+    assert _adapters(mp.get_peft_model(vit(), DKAConfig(input_shape=[1, 32, 48])))[0].grid == (4, 6)
     out = model(torch.randn(2, 1, 32, 48))
     assert out[0].shape == (2, 3)
 
@@ -370,8 +384,9 @@ def test_grid_from_the_network_spec_non_square_monai_vit_backbone():
     from monai_peft.networks.vit import MonaiViTBackbone, ViTSpec
 
     torch.manual_seed(0)
-    spec = ViTSpec(img_size=(32, 48), patch_size=8, in_channels=1, embed_dim=48, depth=1, num_heads=4, mlp_dim=96,
-                   num_classes=2)
+    spec = ViTSpec(
+        img_size=(32, 48), patch_size=8, in_channels=1, embed_dim=48, depth=1, num_heads=4, mlp_dim=96, num_classes=2
+    )
     model = mp.get_peft_model(MonaiViTBackbone(spec), DKAConfig(target_modules=r"vit\.blocks\.\d+"))
     a = _adapters(model)[0]
     assert a.grid == (4, 6) and a.num_prefix_tokens == 1 and a.large.kernel_size == (7, 11)
@@ -406,13 +421,22 @@ def _rect_vit():
     from monai.networks.nets import ViT
 
     return ViT(
-        in_channels=1, img_size=(32, 48), patch_size=8, spatial_dims=2, hidden_size=48, mlp_dim=96, num_layers=1,
-        num_heads=4, classification=True, num_classes=3, post_activation=None,
+        in_channels=1,
+        img_size=(32, 48),
+        patch_size=8,
+        spatial_dims=2,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=1,
+        num_heads=4,
+        classification=True,
+        num_classes=3,
+        post_activation=None,
     )
 
 
 class _TokenNet(nn.Module):
-    """A plain transformer-like module: no patch embedding, so the grid is found at run time."""
+    """A plain transformer-like module: no patch embedding, so nothing tells the grid."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -422,19 +446,27 @@ class _TokenNet(nn.Module):
         return self.blocks(x)
 
 
-def test_runtime_grid_inference_and_clear_error_for_non_grid_sequences():
+def test_a_square_token_count_is_never_taken_as_a_square_grid():
+    """Without a patch embedding or a grid, DKA says what to pass instead of guessing from the count."""
+    with pytest.raises(MethodNotApplicableError, match="spatial_dims and grid"):
+        mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4))
+    with pytest.raises(MethodNotApplicableError, match=r"grid=\[image size // patch size"):
+        mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4, spatial_dims=2))
     torch.manual_seed(0)
-    model = mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4))
+    model = mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4, grid=[7, 7]))
     assert model(torch.randn(2, 50, 16)).shape == (2, 50, 16)  # 1 prefix + 7 x 7
-    assert model(torch.randn(2, 36, 16)).shape == (2, 36, 16)  # 6 x 6, no prefix
-    with pytest.raises(InputDataError, match="not a square token grid"):
-        model(torch.randn(2, 7, 16))
-    model3 = mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4, spatial_dims=3))
-    assert model3(torch.randn(1, 28, 16)).shape == (1, 28, 16)  # 1 + 3^3
-    with pytest.raises(InputDataError, match="cube"):
-        model3(torch.randn(1, 30, 16))
+    assert model(torch.randn(2, 49, 16)).shape == (2, 49, 16)  # no prefix
+    with pytest.raises(InputDataError, match="cannot hold the 7x7 patch grid"):
+        model(torch.randn(2, 36, 16))
+    loose = mp.get_peft_model(
+        _TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4, spatial_dims=2, clamp_kernels=False)
+    )
+    with pytest.raises(InputDataError, match="unknown"):
+        loose(torch.randn(2, 36, 16))
     # extra tokens beyond a known grid (e.g. prompts) are treated as prefix tokens
-    a = DualKernelAdapter(16, 4, spatial_dims=2, large_kernel=(7, 7), small_kernel=(3, 3), grid=(4, 4), num_prefix_tokens=1)
+    a = DualKernelAdapter(
+        16, 4, spatial_dims=2, large_kernel=(7, 7), small_kernel=(3, 3), grid=(4, 4), num_prefix_tokens=1
+    )
     assert a.token_grid(1 + 5 + 16) == (6, (4, 4))
     with pytest.raises(InputDataError, match="cannot hold"):
         a.token_grid(16)
@@ -449,7 +481,7 @@ def test_modules_dka_cannot_handle_fail_at_get_peft_model():
     with pytest.raises(mp.ConfigError, match="adapters_per_block"):
         DKAConfig(adapters_per_block=3)
     # a token adapter on a module whose output is not a sequence fails at the first forward, clearly
-    model = mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4))
+    model = mp.get_peft_model(_TokenNet(), DKAConfig(target_modules=["blocks.1"], bottleneck=4, grid=[4, 4]))
     with pytest.raises(InputDataError, match="DKA expects"):
         model(torch.randn(2, 16))
 
@@ -471,8 +503,15 @@ def test_timm_swin_blocks_get_channel_last_adapters_that_convolve_across_windows
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     net = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=2, embed_dim=24, depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1), img_size=64, window_size=4, in_chans=1,
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=2,
+        embed_dim=24,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        img_size=64,
+        window_size=4,
+        in_chans=1,
     ).eval()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
@@ -487,3 +526,73 @@ def test_timm_swin_blocks_get_channel_last_adapters_that_convolve_across_windows
         assert torch.equal(model(x), ref)
         h.randomize_adapter_params(model)
         assert not torch.allclose(model(x), ref)
+
+
+# -- BatchNorm after the kernels (the reference DKA for ConvNeXt) and the paper presets' kernels -----------
+def test_batch_norm_variant_counts_is_identity_when_zero_init_and_trains_its_statistics(tmp_path):
+    torch.manual_seed(0)
+    net = h.tiny_resnet(2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+    cfg = DKAConfig(
+        large_kernel=11, small_kernel=5, batch_norm=True, zero_init=True, input_shape=[1, 32, 32], bottleneck=4
+    )
+    model = mp.get_peft_model(copy.deepcopy(net), cfg, modules_to_save=["fc"])
+    adapters = _adapters(model)
+    assert all(isinstance(a.bn, nn.BatchNorm2d) and a.bn.num_features == 4 for a in adapters)
+    for a, row in zip(adapters, dka.DKATuner(cfg).describe_targets(copy.deepcopy(net))):
+        large, small = a.large.kernel_size, a.small.kernel_size
+        expected = dka.dka_parameter_count(a.in_channels, 4, large, small, "full", batch_norm=True)
+        assert sum(p.numel() for p in a.parameters()) == expected == row["parameters"]
+        assert expected == 4 * (2 * a.in_channels + math.prod(large) + math.prod(small) + 2)
+    assert [a.large.kernel_size for a in adapters] == [(11, 11), (11, 11), (7, 7), (3, 3)]  # maps 16, 8, 4, 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref, rtol=0, atol=0)  # W_up = 0: exact identity
+    # the adapter's own BatchNorm keeps learning its statistics, also when the base's are frozen
+    frozen = mp.get_peft_model(copy.deepcopy(net), cfg.replace(batchnorm_stats="freeze"))
+    frozen.train()
+    frozen(x)
+    base_bn = frozen.base_model.bn1
+    assert not base_bn.training and torch.equal(base_bn.running_mean, net.bn1.running_mean)
+    assert all(a.bn.training and int(a.bn.num_batches_tracked) == 1 for a in _adapters(frozen))
+    h.randomize_adapter_params(model)
+    model.save_adapter(tmp_path)
+    loaded = mp.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-6, atol=1e-6)  # float rounding of the head
+
+
+def test_batch_norm_on_a_token_grid_normalises_the_patch_map_only():
+    torch.manual_seed(0)
+    a = DualKernelAdapter(
+        16,
+        4,
+        spatial_dims=2,
+        large_kernel=(7, 7),
+        small_kernel=(3, 3),
+        grid=(4, 4),
+        num_prefix_tokens=1,
+        batch_norm=True,
+        dropout=0.0,
+        backend="direct",
+    ).train()
+    x = torch.randn(3, 17, 16)
+    y = a(x)
+    z = F.gelu(x @ a.down.weight.t())
+    zmap = z[:, 1:].reshape(3, 4, 4, 4).movedim(-1, 1)
+    mixed = sum(F.conv2d(zmap, w, padding=w.shape[-1] // 2, groups=4) for w in (a.large.weight, a.small.weight))
+    mixed = F.batch_norm(mixed, None, None, a.bn.weight, a.bn.bias, training=True, eps=a.bn.eps)
+    expected = F.gelu(torch.cat([z[:, :1], mixed.flatten(2).transpose(1, 2)], 1)) @ a.up.weight.t()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dka_swin_kernel_31_on_swinunetr_is_clamped_per_stage():
+    torch.manual_seed(0)
+    cfg = DKAConfig(large_kernel=31, small_kernel=5, input_shape=[1, 64, 64], bottleneck=4, zero_init=True)
+    model = mp.get_peft_model(h.tiny_swinunetr(2), cfg)
+    adapters = _adapters(model)
+    assert [a.large.kernel_size for a in adapters] == [(31, 31), (31, 31), (15, 15), (7, 7)]  # maps 32, 16, 8, 4
+    assert model.trainable_parameters()[0] == sum(
+        dka.dka_parameter_count(a.in_channels, 4, a.large.kernel_size, a.small.kernel_size) for a in adapters
+    )

@@ -38,17 +38,14 @@ from tests.helpers import (
 timm = pytest.importorskip("timm")
 
 
-
 def vit(spatial_dims: int = 2, img: int = 32, **kw) -> ViT:
-    args = dict(
-        in_channels=1, img_size=(img,) * spatial_dims, patch_size=8, spatial_dims=spatial_dims, hidden_size=48,
-        mlp_dim=96, num_layers=2, num_heads=4, classification=True, num_classes=3, qkv_bias=True, post_activation=None,
-    )
-    return ViT(**{**args, **kw})
+    return tiny_vit(spatial_dims, img=img, **kw)
 
 
 def timm_vit(img: int = 32, patch: int = 8, **kw) -> nn.Module:
-    args = dict(img_size=img, patch_size=patch, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2, num_classes=3, in_chans=1)
+    args = dict(
+        img_size=img, patch_size=patch, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2, num_classes=3, in_chans=1
+    )
     return timm.create_model("vit_base_patch16_224", pretrained=False, **{**args, **kw})
 
 
@@ -70,7 +67,9 @@ def logits_of_first_block(net: ViT, x: torch.Tensor) -> torch.Tensor:
     if hasattr(net, "cls_token"):
         h = torch.cat([net.cls_token.expand(x.shape[0], -1, -1), h], dim=1)
     b, n, c = h.shape
-    qkv = blk.attn.qkv(blk.norm1(h)).reshape(b, n, 3, blk.attn.num_heads, c // blk.attn.num_heads).permute(2, 0, 3, 1, 4)
+    qkv = (
+        blk.attn.qkv(blk.norm1(h)).reshape(b, n, 3, blk.attn.num_heads, c // blk.attn.num_heads).permute(2, 0, 3, 1, 4)
+    )
     return qkv[0] @ qkv[1].transpose(-1, -2) * blk.attn.scale
 
 
@@ -92,7 +91,11 @@ def test_attention_rows_are_scaled_by_c_i_exactly_as_the_hand_computation(embedd
         a = model.base_model.blocks[0].attn.att_mat  # EPT attention, prompt columns dropped
         s = logits_of_first_block(base, x)
         p = model.base_model.blocks[0].attn.adapters["default"].prompt  # (N', L)
-        pe = (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)) * p if embedding == "multi_cat" else p.expand(2, 4, -1, -1)
+        pe = (
+            (s.amax(-1, keepdim=True) - s.amin(-1, keepdim=True)) * p
+            if embedding == "multi_cat"
+            else p.expand(2, 4, -1, -1)
+        )
         literal = torch.cat([pe, s], dim=-1).softmax(-1)[..., 6:]  # S' = [P_E | S]; A = softmax(S')[..., L:]
         c = s.exp().sum(-1) / (s.exp().sum(-1) + pe.exp().sum(-1))  # paper Eq. 9-10
     assert a.shape == a0.shape == (2, 4, 17, 17)
@@ -163,8 +166,11 @@ def test_monai_sablock_fused_separate_flash_and_explicit_paths_agree():
     torch.manual_seed(0)
     ref_net = Tokens().eval()
     nets = {"fused": ref_net}
-    for name, kw in {"separate": {"use_combined_linear": False}, "flash": {"use_flash_attention": True},
-                     "separate-flash": {"use_combined_linear": False, "use_flash_attention": True}}.items():
+    for name, kw in {
+        "separate": {"use_combined_linear": False},
+        "flash": {"use_flash_attention": True},
+        "separate-flash": {"use_combined_linear": False, "use_flash_attention": True},
+    }.items():
         net = Tokens(**kw).eval()
         if kw.get("use_combined_linear") is False:
             copy_combined_into_separate(ref_net, net)
@@ -264,7 +270,9 @@ def test_timm_dynamic_img_size_prompt_built_at_one_size_runs_at_another(build, r
     ref = mp.get_peft_model(copy.deepcopy(base), EPTConfig(prompt_length=7, prompt_grid=[r, r])).eval()
     with torch.no_grad():
         for src, dst in zip(prompts_of(model), prompts_of(ref)):
-            rows = F.interpolate(src.prompt[1:].t().reshape(1, 7, g, g), size=(r, r), mode="bilinear", align_corners=False)
+            rows = F.interpolate(
+                src.prompt[1:].t().reshape(1, 7, g, g), size=(r, r), mode="bilinear", align_corners=False
+            )
             dst.prompt.copy_(torch.cat([src.prompt[:1], rows.reshape(7, -1).t()]))
         x = torch.randn(1, 3, run, run)
         y = model(x)
@@ -279,7 +287,7 @@ def test_timm_dynamic_img_size_prompt_built_at_one_size_runs_at_another(build, r
 def test_monai_adapter_saved_at_one_size_loads_onto_another(tmp_path):
     torch.manual_seed(0)
     small = vit(img=32)  # 4 x 4 patches
-    model = mp.get_peft_model(small, EPTConfig(prompt_length=5))
+    model = mp.get_peft_model(small, EPTConfig(prompt_length=5, prompt_grid=[4, 4]))  # MONAI's ViT stores no grid
     set_prompts(model)
     model.save_adapter(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -310,7 +318,7 @@ def test_resample_prompt_rows_2d_3d():
 
 def test_3d_prompt_rows_resampled_on_load(tmp_path):
     torch.manual_seed(0)
-    model = mp.get_peft_model(vit(3, img=16), EPTConfig(prompt_length=3))  # 2 x 2 x 2 patches
+    model = mp.get_peft_model(vit(3, img=16), EPTConfig(prompt_length=3, prompt_grid=[2, 2, 2]))
     model.save_adapter(tmp_path)
     loaded = mp.PeftModel.from_pretrained(vit(3, img=24), tmp_path, verify_base="off")  # 3 x 3 x 3 patches
     assert loaded(torch.randn(1, 1, 24, 24, 24))[0].shape == (1, 3)
@@ -382,8 +390,10 @@ def test_head_via_modules_to_save_and_parameter_count():
     model = mp.get_peft_model(net, EPTConfig(prompt_length=10, layers=[0, 2]), modules_to_save=["classification_head"])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {
-        "base_model.blocks.0.attn.adapters.default.prompt", "base_model.blocks.2.attn.adapters.default.prompt",
-        "base_model.classification_head.weight", "base_model.classification_head.bias",
+        "base_model.blocks.0.attn.adapters.default.prompt",
+        "base_model.blocks.2.attn.adapters.default.prompt",
+        "base_model.classification_head.weight",
+        "base_model.classification_head.bias",
     }
     assert model.trainable_parameters()[0] == 2 * 17 * 10 + 48 * 3 + 3
     assert not isinstance(model.base_model.blocks[1].attn, EPTAttentionLayer)  # non-contiguous layers
@@ -420,7 +430,9 @@ def test_networks_without_global_attention_are_rejected_with_reasons():
         def forward(self, x):
             return self.layers[0](x, x, x)[0]
 
-    with pytest.raises(mp.MethodNotApplicableError, match=r"no attention layer.*Custom.*MultiheadAttention.*supported are"):
+    with pytest.raises(
+        mp.MethodNotApplicableError, match=r"no attention layer.*Custom.*MultiheadAttention.*supported are"
+    ):
         mp.get_peft_model(Custom(), EPTConfig())
 
     class Renamed(nn.Module):  # a supported attention, but not under blocks.<i>.attn and no preset
@@ -433,7 +445,9 @@ def test_networks_without_global_attention_are_rejected_with_reasons():
 
     with pytest.raises(mp.MethodNotApplicableError, match=r"layers\.0\.attn.*pass target_modules"):
         mp.get_peft_model(Renamed(), EPTConfig())
-    model = mp.get_peft_model(Renamed(), EPTConfig(target_modules=["layers.0.attn"], prompt_grid=[5], num_prefix_tokens=0))
+    model = mp.get_peft_model(
+        Renamed(), EPTConfig(target_modules=["layers.0.attn"], prompt_grid=[5], num_prefix_tokens=0)
+    )
     assert model(torch.randn(2, 5, 16)).shape == (2, 5, 16)
     # attention found but the patch grid cannot be read: say what to pass
     with pytest.raises(mp.ConfigError, match="prompt_grid"):
@@ -443,10 +457,10 @@ def test_networks_without_global_attention_are_rejected_with_reasons():
 def test_token_count_that_is_not_a_patch_grid_fails_clearly():
     torch.manual_seed(0)
     model = mp.get_peft_model(tiny_mae(2), EPTConfig(prompt_length=4))
-    with pytest.raises(mp.errors.InputDataError, match="one token per patch position"):
+    with pytest.raises(mp.errors.InputDataError, match="tokens dropped"):  # MAE's random masking
         model(torch.randn(2, 1, 32, 32))
     tokens = mp.get_peft_model(Tokens(), EPTConfig(prompt_length=4, num_prefix_tokens=1, prompt_grid=[3, 3]))
-    with pytest.raises(mp.errors.InputDataError, match="runtime grid is unknown"):
+    with pytest.raises(mp.errors.InputDataError, match="cannot hold the 3x3 patch grid"):
         tokens(torch.randn(1, 8, 16))
 
 

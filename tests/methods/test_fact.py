@@ -28,8 +28,17 @@ from tests.helpers import (
 def vit4(spatial_dims: int = 2, layers: int = 2) -> nets.ViT:
     """A tiny ViT with the standard MLP ratio 4 (12 slices per layer, as ViT-B)."""
     return nets.ViT(
-        in_channels=1, img_size=(16,) * spatial_dims, patch_size=8, spatial_dims=spatial_dims, hidden_size=16,
-        mlp_dim=64, num_layers=layers, num_heads=4, classification=True, num_classes=3, qkv_bias=True,
+        in_channels=1,
+        img_size=(16,) * spatial_dims,
+        patch_size=8,
+        spatial_dims=spatial_dims,
+        hidden_size=16,
+        mlp_dim=64,
+        num_layers=layers,
+        num_heads=4,
+        classification=True,
+        num_classes=3,
+        qkv_bias=True,
     )
 
 
@@ -110,7 +119,8 @@ def test_save_load_bit_exact_and_shared_factors_stored_once(variant, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make,shape,variant", [CASES[0], CASES[3], pytest.param(lambda: tiny_unetr(3), (1, 1, 32, 32, 32), "tt", id="tt-unetr-3d")]
+    "make,shape,variant",
+    [CASES[0], CASES[3], pytest.param(lambda: tiny_unetr(3), (1, 1, 32, 32, 32), "tt", id="tt-unetr-3d")],
 )
 def test_a_few_steps_reduce_the_loss(make, shape, variant):
     train_and_check_loss_drops(mp.get_peft_model(make(), FacTConfig(variant=variant)), torch.randn(shape))
@@ -128,12 +138,15 @@ def test_update_equation_per_matrix(variant):
     sh = ad.shared
     U, V, s = sh.U, sh.V, 0.3
     if variant == "tt":
+
         def sigma(adapter, o, i):
             return adapter.cores[o, i]
     else:
+
         def sigma(adapter, o, i):
             j = adapter.offset + o * adapter.a + i
             return torch.einsum("xyk,k->xy", sh.C, sh.P[:, j])
+
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         # fused qkv = three matrices q, k, v with their own cores
@@ -181,7 +194,8 @@ def test_refusals():
     with pytest.raises(mp.MethodNotApplicableError, match="hidden size d=12"):
         mp.get_peft_model(tiny_swinunetr(2), FacTConfig())
     one_stage = mp.get_peft_model(
-        tiny_swinunetr(2), FacTConfig(target_modules=r"swinViT\.layers1\.0\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear[12])")
+        tiny_swinunetr(2),
+        FacTConfig(target_modules=r"swinViT\.layers1\.0\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear[12])"),
     )
     assert len(one_stage.adapter_layers()) == 4
     with pytest.raises(mp.ConfigError, match="variant"):
@@ -197,8 +211,17 @@ def test_vit_b16_counts(variant, r, expected):
 
     with torch.device("meta"):
         net = nets.ViT(
-            in_channels=3, img_size=(224, 224), patch_size=16, spatial_dims=2, hidden_size=768, mlp_dim=3072,
-            num_layers=12, num_heads=12, classification=True, num_classes=1000, qkv_bias=True,
+            in_channels=3,
+            img_size=(224, 224),
+            patch_size=16,
+            spatial_dims=2,
+            hidden_size=768,
+            mlp_dim=3072,
+            num_layers=12,
+            num_heads=12,
+            classification=True,
+            num_classes=1000,
+            qkv_bias=True,
         )
     FacTTuner(FacTConfig(variant=variant, r=r)).inject(net, "default")
     params = {id(p): p.numel() for m in net.modules() if isinstance(m, AdapterLayer) for p in m.adapters.parameters()}

@@ -16,11 +16,15 @@ CONV_CASES = [
     pytest.param(nn.Conv2d(4, 6, 3, padding=2, dilation=2), (2, 4, 12, 12), id="conv2d-dilated"),
     pytest.param(nn.Conv2d(4, 8, 3, padding=1, groups=2), (2, 4, 10, 10), id="conv2d-groups"),
     pytest.param(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 9, 9), id="conv2d-reflect"),
-    pytest.param(nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular", bias=False), (2, 4, 9, 9), id="conv2d-circular"),
+    pytest.param(
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular", bias=False), (2, 4, 9, 9), id="conv2d-circular"
+    ),
     pytest.param(nn.Conv3d(3, 5, (3, 1, 3), stride=(1, 2, 2), padding=(1, 0, 1)), (2, 3, 6, 8, 8), id="conv3d"),
     pytest.param(nn.Conv3d(4, 4, 3, padding=1, groups=4), (1, 4, 6, 6, 6), id="conv3d-depthwise"),
     pytest.param(nn.ConvTranspose2d(4, 6, 2, stride=2), (2, 4, 5, 5), id="convT2d"),
-    pytest.param(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 5), id="convT2d-groups"),
+    pytest.param(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 5), id="convT2d-groups"
+    ),
     pytest.param(nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, dilation=1), (1, 3, 4, 4, 4), id="convT3d"),
     pytest.param(nn.ConvTranspose1d(3, 4, 4, stride=2, padding=1), (2, 3, 7), id="convT1d"),
 ]

@@ -35,18 +35,34 @@ from tests.helpers import (
 timm = pytest.importorskip("timm")
 
 
-
 def vit_nocls(spatial_dims: int = 2) -> ViT:
     return ViT(
-        in_channels=1, img_size=(32,) * spatial_dims, patch_size=8, spatial_dims=spatial_dims, hidden_size=48, mlp_dim=96,
-        num_layers=2, num_heads=4, classification=False, qkv_bias=True,
+        in_channels=1,
+        img_size=(32,) * spatial_dims,
+        patch_size=8,
+        spatial_dims=spatial_dims,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=2,
+        num_heads=4,
+        classification=False,
+        qkv_bias=True,
     )
 
 
 def timm_vit(img: int = 32, patch: int = 8, **kw) -> nn.Module:
     return timm.create_model(
-        "vit_base_patch16_224", pretrained=False, img_size=img, patch_size=patch, embed_dim=48, depth=2, num_heads=4,
-        mlp_ratio=2, num_classes=3, in_chans=1, **kw,
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=img,
+        patch_size=patch,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=2,
+        num_classes=3,
+        in_chans=1,
+        **kw,
     )
 
 
@@ -73,6 +89,8 @@ def build(method: str, net_name: str, seed: int = 0, **extra):
     factory, shape = NETS[net_name]
     net = factory()
     name, kwargs = METHODS[method]
+    if kwargs.get("mode") == "pixel":  # MONAI's ViT stores its patch count, not its image size
+        kwargs = {**kwargs, "image_size": list(shape[2:])}
     return net, mp.get_config(name, **{**kwargs, **extra}), shape
 
 
@@ -190,8 +208,17 @@ def test_vpt_equals_hand_written_reference(kwargs, spatial_dims):
 
 def test_vpt_init_bound_and_prefix_tokens():
     # VPT: uniform(+-sqrt(6 / (fan_in + d))), fan_in = C_in * prod(patch) (3 p^2 for RGB 2D)
-    net = ViT(in_channels=3, img_size=(32, 32), patch_size=8, spatial_dims=2, hidden_size=48, mlp_dim=96, num_layers=1,
-              num_heads=4, classification=True)
+    net = ViT(
+        in_channels=3,
+        img_size=(32, 32),
+        patch_size=8,
+        spatial_dims=2,
+        hidden_size=48,
+        mlp_dim=96,
+        num_layers=1,
+        num_heads=4,
+        classification=True,
+    )
     model = mp.get_peft_model(net, VPTConfig(prompt_length=200))
     p = model.base_model.blocks[0].adapters["default"].prompt
     bound = math.sqrt(6.0 / (3 * 8 * 8 + 48))
@@ -293,7 +320,8 @@ def test_zero_vp_is_exactly_the_base_network(net_name, mode):
     x = torch.randn(shape)
     with torch.no_grad():
         ref = first(net(x))
-    model = mp.get_peft_model(net, VPConfig(mode=mode, prompt_init="zeros", prompt_length=2, pad_size=3)).eval()
+    size = {"image_size": list(shape[2:])} if mode == "pixel" else {}
+    model = mp.get_peft_model(net, VPConfig(mode=mode, prompt_init="zeros", prompt_length=2, pad_size=3, **size)).eval()
     with torch.no_grad():
         torch.testing.assert_close(first(model(x)), ref, rtol=0, atol=0)
 
@@ -365,8 +393,9 @@ def test_a_few_steps_reduce_the_loss(method, spatial_dims):
     torch.manual_seed(0)
     net = tiny_vit(spatial_dims, img=32 if spatial_dims == 2 else 16)
     name, kwargs = METHODS[method]
-    model = mp.get_peft_model(net, mp.get_config(name, **{**kwargs, "pad_size": 3}) if method == "vp-pixel" else mp.get_config(name, **kwargs))
     x = torch.randn((4, 1) + ((32,) * 2 if spatial_dims == 2 else (16,) * 3))
+    pixel = {"pad_size": 3, "image_size": list(x.shape[2:])} if method == "vp-pixel" else {}
+    model = mp.get_peft_model(net, mp.get_config(name, **{**kwargs, **pixel}))
     target = torch.arange(4) % 3
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     losses = []

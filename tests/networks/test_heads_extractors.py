@@ -69,8 +69,9 @@ def test_monai_vit_features_2d_with_cls(vit2d):
 
 def test_monai_vit_input_errors(vit2d):
     enc = MonaiViTFeatures(vit2d)
-    with pytest.raises(InputDataError, match="not divisible"):
+    with pytest.raises(InputDataError, match="not divisible") as err:
         enc(torch.randn(1, 1, 60, 64))
+    assert "img_size" in str(err.value) and "DivisiblePad" not in str(err.value)  # padding cannot fix a ViT input
     with pytest.raises(InputDataError, match="position embeddings"):
         enc(torch.randn(1, 1, 48, 64))
     with pytest.raises(InputDataError, match="input channels"):

@@ -96,12 +96,14 @@ def make_series(
     slope: float = 1.0,
     intercept: float = -1024.0,
     prefix: str = "slice",
+    images_in_acquisition: int | None = None,
 ) -> tuple[list[Path], np.ndarray]:
     """Write ``n`` slices of a series (files named in scrambled order) and return (paths, stored volume).
 
     Slice ``k`` sits at ``origin + k * spacing_z * normal`` (plus ``z_offsets[k]``); its stored values are
     ``1000 + 100 * k + 10 * row + col`` so every voxel is identifiable. Slices in ``skip`` are not written. The
-    returned stored volume is ``(n, rows, cols)`` in slice order (including skipped ones).
+    returned stored volume is ``(n, rows, cols)`` in slice order (including skipped ones). Slice ``k`` has
+    InstanceNumber ``n - k``; ``images_in_acquisition`` is written as ImagesInAcquisition when given.
     """
     series_uid = series_uid or generate_uid()
     study_uid = study_uid or generate_uid()
@@ -129,5 +131,73 @@ def make_series(
             slope=slope,
             intercept=intercept,
         )
+        if images_in_acquisition is not None:
+            ds.ImagesInAcquisition = int(images_in_acquisition)
         paths.append(save(ds, folder / f"{prefix}_{n - k:03d}.dcm"))
     return paths, volume
+
+
+def make_enhanced(
+    frames: np.ndarray,
+    positions: Sequence[Sequence[float]],
+    *,
+    orientation: Sequence[float] = AXIAL,
+    pixel_spacing: Sequence[float] = (0.6, 0.9),
+    slice_thickness: float | None = None,
+    slopes: Sequence[float] | None = None,
+    intercepts: Sequence[float] | None = None,
+    modality: str = "CT",
+    series_uid: str | None = None,
+    frame_uid: str | None = None,
+) -> Dataset:
+    """An enhanced multi-frame image (Enhanced CT / MR Image Storage) with the geometry in functional groups.
+
+    ``frames`` are the stored values ``(F, rows, cols)``; frame ``k`` is at ``positions[k]`` (LPS mm, in the
+    per-frame PlanePositionSequence), with per-frame rescale ``slopes[k]`` / ``intercepts[k]``; orientation and
+    pixel spacing are in the shared groups. ``slice_thickness`` (shared PixelMeasuresSequence) may differ from the
+    real frame step, as it does on real scanners with overlapping reconstructions.
+    """
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import EnhancedCTImageStorage, EnhancedMRImageStorage
+
+    frames = np.asarray(frames)
+    n = frames.shape[0]
+    sop_class = EnhancedCTImageStorage if modality == "CT" else EnhancedMRImageStorage
+    ds = make_image(
+        frames[0],
+        position=None,
+        orientation=None,
+        pixel_spacing=None,
+        modality=modality,
+        sop_class=sop_class,
+        series_uid=series_uid,
+        frame_uid=frame_uid,
+        with_pixels=False,
+    )
+    ds.NumberOfFrames = n
+    shared = Dataset()
+    orient = Dataset()
+    orient.ImageOrientationPatient = [float(v) for v in orientation]
+    shared.PlaneOrientationSequence = DicomSequence([orient])
+    measures = Dataset()
+    measures.PixelSpacing = [float(v) for v in pixel_spacing]
+    if slice_thickness is not None:
+        measures.SliceThickness = float(slice_thickness)
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame = []
+    for k in range(n):
+        group = Dataset()
+        pos = Dataset()
+        pos.ImagePositionPatient = [float(v) for v in positions[k]]
+        group.PlanePositionSequence = DicomSequence([pos])
+        if slopes is not None or intercepts is not None:
+            tr = Dataset()
+            tr.RescaleSlope = float(slopes[k]) if slopes is not None else 1.0
+            tr.RescaleIntercept = float(intercepts[k]) if intercepts is not None else 0.0
+            tr.RescaleType = "HU" if modality == "CT" else "US"
+            group.PixelValueTransformationSequence = DicomSequence([tr])
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.PixelData = frames.astype(np.uint16).tobytes()
+    return ds

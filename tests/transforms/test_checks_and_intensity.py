@@ -18,6 +18,7 @@ from monai_peft.transforms import (
     HUWindowd,
     hu_window_range,
 )
+from monai_peft.transforms.intensity import MaskedNormalizeIntensity, MaskedNormalizeIntensityd
 
 
 def _img(shape=(4, 5, 6), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)):
@@ -90,3 +91,78 @@ def test_hu_windows():
         HUWindow("liverr")
     with pytest.raises(ConfigError, match="width"):
         hu_window_range((0, 0))
+
+
+def _brain_like(shape=(2, 6, 5, 4), background=-3.62, seed=0):
+    """Two channels on a non-cubic grid: a z-scored 'brain' block, a constant non-zero background."""
+    rng = np.random.default_rng(seed)
+    img = np.full(shape, background, np.float32)
+    mask = np.zeros((1, *shape[1:]), bool)
+    mask[0, 1:5, 1:4, 1:3] = True
+    img[0][mask[0]] = np.clip(rng.normal(2.0, 3.0, int(mask.sum())), -2.5, None)  # brain above the background
+    img[1][mask[0]] = np.clip(rng.normal(-1.0, 0.5, int(mask.sum())), -2.5, None)
+    aff = torch.diag(torch.tensor([0.8, 1.2, 3.0, 1.0], dtype=torch.float64))
+    return MetaTensor(torch.from_numpy(img), affine=aff), MetaTensor(
+        torch.from_numpy(mask.astype(np.float32)), affine=aff
+    )
+
+
+def test_masked_normalisation_uses_only_mask_voxels_per_channel():
+    img, mask = _brain_like()
+    out = MaskedNormalizeIntensityd("image", mask_key="mask")({"image": img, "mask": mask})["image"]
+    m = mask[0].numpy() > 0
+    for c in range(2):
+        x = img[c].numpy()[m].astype(np.float64)
+        np.testing.assert_allclose(out[c].numpy()[m], (x - x.mean()) / x.std(), atol=1e-5)
+        assert float(np.abs(out[c].numpy()[~m]).max()) == 0.0
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, img.affine) and out.dtype == torch.float32
+    # MONAI's nonzero=True would take the -3.62 background into the statistics
+    kept = MaskedNormalizeIntensity(outside=None)(img, mask)
+    x0 = img[0].numpy()[m].astype(np.float64)
+    np.testing.assert_allclose(kept[0].numpy()[~m], (-3.62 - x0.mean()) / x0.std(), atol=1e-5)
+    # one mask per channel, and a threshold instead of a mask
+    per = torch.cat([mask, torch.zeros_like(mask)], 0)
+    per[1, 0, 0, 0] = 1.0
+    per[1, 1, 1, 1] = 1.0
+    out2 = MaskedNormalizeIntensity()(img, per)
+    np.testing.assert_allclose(out2[0].numpy(), out[0].numpy(), atol=1e-6)
+    v = img[1].numpy()[per[1].numpy() > 0].astype(np.float64)
+    np.testing.assert_allclose(out2[1].numpy()[per[1].numpy() > 0], (v - v.mean()) / v.std(), atol=1e-5)
+    thr = MaskedNormalizeIntensityd("image", threshold="min")({"image": img})["image"]
+    np.testing.assert_allclose(thr.numpy(), out.numpy(), atol=1e-5)
+    thr2 = MaskedNormalizeIntensity(threshold=-3.0)(img)
+    np.testing.assert_allclose(thr2.numpy(), out.numpy(), atol=1e-5)
+
+
+def test_masked_normalisation_errors():
+    img, mask = _brain_like()
+    with pytest.raises(InputDataError, match="'mask' is not in the data"):
+        MaskedNormalizeIntensityd("image", mask_key="mask")({"image": img})
+    with pytest.raises(InputDataError, match="no voxel inside the mask"):
+        MaskedNormalizeIntensity()(img, torch.zeros_like(mask))
+    with pytest.raises(InputDataError, match=r"mask spatial shape \(6, 5, 3\)"):
+        MaskedNormalizeIntensity()(img, mask[..., :3])
+    with pytest.raises(InputDataError, match="3 channels"):
+        MaskedNormalizeIntensity()(img, torch.cat([mask] * 3, 0))
+    with pytest.raises(ConfigError, match="a mask or a threshold"):
+        MaskedNormalizeIntensity()(img)
+    moved = MetaTensor(mask.as_tensor(), affine=mask.affine.clone())
+    moved.affine[0, 3] = 5.0
+    with pytest.raises(InputDataError, match="origin"):
+        MaskedNormalizeIntensityd("image", mask_key="mask")({"image": img, "mask": moved})
+    constant = img.clone()
+    constant[1] = 7.0
+    out = MaskedNormalizeIntensity()(constant, mask)  # std 0: only centred (as MONAI's NormalizeIntensity)
+    assert float(out[1].abs().max()) == 0.0
+
+
+def test_check_finite_names_the_file_and_the_channel_file():
+    t = MetaTensor(torch.zeros((2, 3, 3, 3)), meta={"filename_or_obj": "/d/seg.nii.gz"})
+    t.meta["channel_files"] = ["/d/flair.nii.gz", "/d/t1c.nii.gz"]
+    t[1, 0, 0, 0] = float("nan")
+    t[1, 0, 0, 1] = float("nan")
+    with pytest.raises(InputDataError, match=r"'label' has 2 non-finite voxel\(s\).*'/d/t1c.nii.gz' \(channel 1\)"):
+        CheckFinited("label")({"label": t})
+    single = MetaTensor(torch.tensor([[float("inf"), 0.0]]), meta={"filename_or_obj": "/d/seg.nii.gz"})
+    with pytest.raises(InputDataError, match=r"in '/d/seg.nii.gz'"):
+        CheckFinite("label")(single)

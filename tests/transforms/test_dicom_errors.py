@@ -181,3 +181,113 @@ def test_compressed_series_without_decoder(tmp_path, monkeypatch):
     monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
     with pytest.raises(MissingDependencyError, match="pylibjpeg-openjpeg"):
         load_dicom_series(tmp_path / "series")
+
+
+def _pydicom_test_file(name: str):
+    """A file that ships inside pydicom's wheel (never downloaded)."""
+    from pathlib import Path
+
+    import pydicom
+
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if not path.is_file():
+        pytest.skip(f"pydicom test file {name} is not in this pydicom install")
+    return path
+
+
+def test_deflate_compressed_file_is_read_not_called_truncated():
+    import pydicom
+
+    path = _pydicom_test_file("image_dfl.dcm")
+    with pytest.warns(UserWarning, match="no PixelSpacing"):  # a secondary capture without pixel spacing
+        img = read_dicom_image(path)
+    ref = pydicom.dcmread(path).pixel_array
+    assert img.shape == (1, *ref.shape)
+    np.testing.assert_array_equal(img[0].numpy(), ref)
+
+
+def test_truncated_deflate_file_is_still_reported(tmp_path):
+    raw = _pydicom_test_file("image_dfl.dcm").read_bytes()
+    cut = tmp_path / "dfl_cut.dcm"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DicomError, match="truncated|corrupt") as err:
+        read_dicom_image(cut)
+    assert "dfl_cut.dcm" in str(err.value)
+
+
+def test_12bit_jpeg_extended_names_the_missing_decoder():
+    """Pillow is installed but cannot decode 12-bit JPEG Extended: the fix is a package, not a re-copy."""
+    import importlib.util
+
+    if importlib.util.find_spec("libjpeg") or importlib.util.find_spec("gdcm"):
+        pytest.skip("a 12-bit JPEG decoder (pylibjpeg-libjpeg / python-gdcm) is installed here")
+    path = _pydicom_test_file("JPEG-lossy.dcm")
+    with pytest.raises(MissingDependencyError) as err:
+        read_dicom_image(path)
+    msg = str(err.value)
+    assert "pip install pylibjpeg pylibjpeg-libjpeg" in msg and "12-bit" in msg and "JPEG-lossy.dcm" in msg
+    assert "corrupt" not in msg
+
+
+def test_not_dicom_message_names_arguments_that_exist(tmp_path):
+    import inspect
+
+    path = tmp_path / "notes.dcm"
+    path.write_bytes(b"hello, this is a text file" * 20)
+    with pytest.raises(DicomError, match="not a DICOM file") as err:
+        read_dicom_image(path)
+    assert "read_dicom_image(..., force=True)" in str(err.value)
+    assert "force" in inspect.signature(read_dicom_image).parameters
+    with pytest.raises(DicomError, match="not a DICOM file"):  # force=True on a text file is still refused
+        read_dicom_image(path, force=True)
+    import pydicom
+
+    ds = make_image(PIXELS)  # an ACR-NEMA style file: no preamble, no file meta, implicit VR
+    del ds.file_meta
+    ds.preamble = None
+    acr = tmp_path / "acr_nema.dcm"
+    pydicom.dcmwrite(acr, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert acr.read_bytes()[128:132] != b"DICM"
+    with pytest.raises(DicomError, match="not a DICOM file"):
+        read_dicom_image(acr)
+    np.testing.assert_array_equal(read_dicom_image(acr, force=True)[0].numpy(), PIXELS)
+
+
+def test_missing_pixel_spacing_is_assumed_and_said(tmp_path):
+    path = save(make_image(PIXELS, pixel_spacing=None), tmp_path / "nospacing.dcm")
+    with pytest.warns(UserWarning, match="no PixelSpacing.*1.0 mm") as rec:
+        img = read_dicom_image(path)
+    assert "nospacing.dcm" in str(rec[0].message)
+    np.testing.assert_allclose(img.meta["spacing"], [1.0, 1.0])
+    assert img.meta["spacing_assumed"] is True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = read_dicom_image(save(make_image(PIXELS), tmp_path / "ok.dcm"))
+    assert ok.meta["spacing_assumed"] is False
+
+
+def test_default_intensities_agree_between_readers(tmp_path):
+    """read_dicom_image and load_volume give the same (modality LUT) values by default; the VOI is opt-in."""
+    from monai_peft.transforms.volume_io import load_volume
+
+    path = save(make_image(PIXELS, slope=2.0, intercept=-100.0, window=(800.0, 400.0)), tmp_path / "w.dcm")
+    img = read_dicom_image(path)
+    vol = load_volume(path)
+    np.testing.assert_allclose(img[0].numpy(), PIXELS * 2.0 - 100.0)
+    np.testing.assert_allclose(vol[0, :, :, 0].numpy().T, img[0].numpy())
+    assert img.meta["voi_applied"] is False
+    windowed = read_dicom_image(path, voi_lut=True)
+    assert windowed.meta["voi_applied"] is True  # display scale: clipped to the window 600..1000
+    top = float(windowed.meta["value_range"][1])
+    assert int((windowed == top).sum()) == int((img >= 1000).sum()) > 0
+
+
+def test_default_intensities_agree_on_a_real_mr():
+    from monai_peft.transforms.volume_io import load_volume
+    from tests.conftest import require_shared
+
+    path = require_shared("dicom/mr_overlays.dcm")
+    img, vol = read_dicom_image(path), load_volume(path)
+    np.testing.assert_allclose(vol[0, :, :, 0].numpy().T, img[0].numpy())

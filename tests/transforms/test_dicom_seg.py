@@ -90,6 +90,7 @@ def test_write_seg_from_real_3slice_ct_round_trips(tmp_path):
     np.testing.assert_array_equal(frames.transpose(2, 1, 0), label[0].numpy())
 
 
+@pytest.mark.filterwarnings("ignore::monai_peft.transforms.dicom_series.MissingSliceWarning")  # a 20-slice subset
 def test_write_seg_from_real_ct_series_and_nifti_label(tmp_path):
     ct_dir = require_shared("ct_dicom_series")
     nifti = LoadImage(reader="NibabelReader", ensure_channel_first=True)(
@@ -182,3 +183,113 @@ def test_seg_without_source_references_is_placed_by_position(tmp_path):
     ds.save_as(tmp_path / "moved.dcm")
     with pytest.raises(DicomError, match="not on"):
         read_dicom_seg(tmp_path / "moved.dcm", ct_dir)
+
+
+def _two_series_same_grid(tmp_path):
+    """Series A and B: same frame of reference, same grid (7 rows x 5 columns x 4 slices), different UIDs;
+    a SEG written for A with 1 + 2 * 3 labelled voxels."""
+    frame_uid, study_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for name in ("a", "b"):
+        make_series(tmp_path / name, n=4, rows=7, cols=5, spacing_z=2.5, frame_uid=frame_uid, study_uid=study_uid)
+    ct_a = load_dicom_series(tmp_path / "a")
+    label = torch.zeros_like(ct_a)
+    label[0, 1, 2, 0] = 1
+    label[0, 2:4, 3:6, 2] = 1
+    res = write_dicom_seg(label, tmp_path / "a", tmp_path / "seg_a.dcm")
+    return res.path, label
+
+
+def test_series_meta_carries_series_and_instance_uids(tmp_path):
+    make_series(tmp_path / "ct", n=3)
+    series = find_dicom_series(tmp_path / "ct")
+    vol = series.load()
+    assert vol.meta["series_instance_uid"] == series.series_instance_uid
+    assert vol.meta["sop_instance_uids"].split("\\") == series.sop_instance_uids
+
+
+@pytest.mark.parametrize("path", ["load_volume_metatensor", "load_volumed", "ct_transforms", "dicom_series", "uid"])
+def test_seg_of_another_series_is_refused_on_every_path(tmp_path, path):
+    from monai_peft.transforms.presets import ct_transforms
+    from monai_peft.transforms.volume_io import load_volume
+
+    seg_path, label = _two_series_same_grid(tmp_path)
+    good = load_volume(seg_path, reference=load_volume(tmp_path / "a"))  # control: A gives the label back
+    assert int(good.sum()) == int(label.sum()) == 7
+    b = tmp_path / "b"
+    calls = {
+        "load_volume_metatensor": lambda: load_volume(seg_path, reference=load_volume(b)),
+        "load_volumed": lambda: LoadVolumed(("image", "label"))({"image": b, "label": seg_path}),
+        "ct_transforms": lambda: ct_transforms(pixdim=None, window=None)({"image": b, "label": seg_path}),
+        "dicom_series": lambda: read_dicom_seg(seg_path, find_dicom_series(b)),
+        "uid": lambda: read_dicom_seg(seg_path, b, series_uid=find_dicom_series(b).series_instance_uid),
+    }
+    with pytest.raises(DicomError, match="references series") as err:
+        calls[path]()
+    assert find_dicom_series(b).series_instance_uid in str(err.value)
+
+
+def test_seg_frames_referencing_instances_outside_the_series_are_refused(tmp_path):
+    """Same SeriesInstanceUID, new SOPInstanceUIDs (a re-export): frames would silently drop out."""
+    seg_path, label = _two_series_same_grid(tmp_path)
+    uid_a = find_dicom_series(tmp_path / "a").series_instance_uid
+    for f in (tmp_path / "b").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid_a
+        ds.save_as(f)
+    with pytest.raises(DicomError, match="not in the series") as err:
+        read_dicom_seg(seg_path, tmp_path / "b")
+    assert "2 of 2" in str(err.value) and "check_references=False" in str(err.value)
+    by_position = read_dicom_seg(seg_path, tmp_path / "b", check_references=False)  # same grid: placed by position
+    assert torch.equal(by_position.as_tensor(), label.as_tensor())
+
+
+def test_seg_with_a_nifti_image_says_what_to_do(tmp_path):
+    from monai.data import NibabelWriter
+
+    from monai_peft.transforms.volume_io import load_volume
+
+    seg_path, _ = _two_series_same_grid(tmp_path)
+    ct = load_volume(tmp_path / "a")
+    writer = NibabelWriter()
+    writer.set_data_array(ct, channel_dim=0)
+    writer.set_metadata({"affine": ct.affine, "original_affine": ct.affine})
+    writer.write(str(tmp_path / "ct.nii.gz"))
+    with pytest.raises(DicomError, match="not a DICOM series") as err:
+        load_volume(seg_path, reference=load_volume(tmp_path / "ct.nii.gz"))
+    assert "ct.nii.gz" in str(err.value)
+
+
+def test_seg_writer_is_atomic(tmp_path, monkeypatch):
+    make_series(tmp_path / "ct", n=3, rows=6, cols=4)
+    ct = load_dicom_series(tmp_path / "ct")
+    label = torch.zeros_like(ct)
+    label[0, 1, 1, 1] = 1
+    out = tmp_path / "out" / "seg.dcm"
+    write_dicom_seg(label, tmp_path / "ct", out)
+    before = out.read_bytes()
+
+    def failing_dcmwrite(filename, dataset, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"\0" * 300)  # some bytes reach the disk, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pydicom, "dcmwrite", failing_dcmwrite)
+    label[0, 2, 2, 2] = 1
+    with pytest.raises(OSError, match="No space"):
+        write_dicom_seg(label, tmp_path / "ct", out)
+    assert out.read_bytes() == before  # the old file is intact, not overwritten by a partial one
+    with pytest.raises(OSError):
+        write_dicom_seg(label, tmp_path / "ct", tmp_path / "out" / "new.dcm")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.dcm"]  # no partial file, no temp left
+
+
+def test_write_seg_rotated_label_message_has_no_unknown_argument(tmp_path):
+    make_series(tmp_path / "ct", n=3, rows=6, cols=4)
+    ct = load_dicom_series(tmp_path / "ct")
+    rot = ct.affine.clone()
+    rot[:3, :3] = rot[:3, :3] @ torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=rot.dtype)
+    lab = MetaTensor(torch.ones_like(ct.as_tensor()), affine=rot)
+    with pytest.raises(InputDataError, match="axis directions differ") as err:
+        write_dicom_seg(lab, tmp_path / "ct", tmp_path / "x.dcm")
+    assert "match_orientation" not in str(err.value)
+    assert "ResampleToMatch" in str(err.value)

@@ -79,7 +79,10 @@ def test_non_dicom_files_in_the_folder_are_skipped(tmp_path):
 def test_real_ct_series_matches_nifti_label_geometry():
     series_dir = require_shared("ct_dicom_series")
     label_path = require_shared("totalseg/ct_dicom_series_label.nii.gz")
-    ct = load_dicom_series(series_dir)
+    from monai_peft.transforms.dicom_series import MissingSliceWarning
+
+    with pytest.warns(MissingSliceWarning, match=r"267\.\.286"):  # 20 slices cut out of a longer series
+        ct = load_dicom_series(series_dir)
     assert ct.shape == (1, 512, 512, 20)
     nii = nib.load(str(label_path))
     assert ct.shape[1:] == nii.shape
@@ -108,3 +111,36 @@ def test_real_3slice_ct_matches_nrrd_label_geometry():
     lps[:3, :3] = np.asarray(header["space directions"]).T
     lps[:3, 3] = header["space origin"]
     np.testing.assert_allclose(ct.affine.numpy(), np.diag([-1, -1, 1, 1]) @ lps, atol=1e-4)
+
+
+def test_missing_end_slice_is_found_from_images_in_acquisition(tmp_path):
+    """The slice at the top end (InstanceNumber 6) is missing: positions show no gap, the header count does."""
+    from monai_peft.transforms.dicom_series import MissingSliceWarning
+
+    make_series(tmp_path / "s", n=6, skip=(0,), images_in_acquisition=6)  # k=0 has InstanceNumber 6
+    with pytest.warns(MissingSliceWarning, match="ImagesInAcquisition=6, but 5 slice") as rec:
+        vol = load_dicom_series(tmp_path / "s")
+    assert vol.shape[-1] == 5
+    msg = str(rec[0].message)
+    assert "InstanceNumbers 1..5" in msg and "InstanceNumber(s) 6" in msg
+    assert "ImagesInAcquisition=6" in vol.meta["warnings"]
+
+
+def test_missing_first_instance_is_found_from_instance_numbers(tmp_path):
+    """InstanceNumber 1 (slice k=5) is missing and there is no count in the header: the numbering starts at 2."""
+    from monai_peft.transforms.dicom_series import MissingSliceWarning
+
+    make_series(tmp_path / "s", n=6, skip=(5,))
+    with pytest.warns(MissingSliceWarning, match=r"InstanceNumbers run 2\.\.6 without a gap but do not start at 1"):
+        series = find_dicom_series(tmp_path / "s")
+    assert len(series.warnings) == 1
+
+
+def test_complete_series_gives_no_slice_count_warning(tmp_path):
+    import warnings
+
+    make_series(tmp_path / "s", n=6, images_in_acquisition=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vol = load_dicom_series(tmp_path / "s")
+    assert vol.meta["warnings"] == ""

@@ -11,6 +11,7 @@ from monai.transforms import LoadImage
 
 from monai_peft.errors import InputDataError
 from monai_peft.transforms import (
+    LoadVolumed,
     SaveNiftid,
     ct_transforms,
     load_dicom_series,
@@ -19,7 +20,7 @@ from monai_peft.transforms import (
     volume_format,
     write_nifti,
 )
-from tests.conftest import require_shared
+from tests.conftest import REPO_ROOT, require_shared
 from tests.transforms.dicom_factory import make_series
 
 pytestmark = [
@@ -140,3 +141,158 @@ def test_nan_in_volume_is_caught_by_the_preset(tmp_path):
         mr_transforms(label_key=None)({"image": tmp_path / "nan.nii.gz"})
     out = mr_transforms(label_key=None, nan_replace=0.0, norm=None)({"image": tmp_path / "nan.nii.gz"})
     assert bool(torch.isfinite(out["image"]).all())
+
+
+def _nan_label(tmp_path, name="seg_nan.nii.gz", n_nan=3):
+    aff = np.diag([0.8, 1.2, 3.0, 1.0])
+    image = np.random.default_rng(0).normal(100.0, 10.0, (6, 5, 4)).astype(np.float32)
+    label = np.zeros((6, 5, 4), np.float32)
+    label[1:3, 1:3, 1:3] = 1.0
+    label.reshape(-1)[:n_nan] = np.nan
+    nib.save(nib.Nifti1Image(image, aff), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(label, aff), str(tmp_path / name))
+    return tmp_path / "img.nii.gz", tmp_path / name
+
+
+@pytest.mark.parametrize("preset", ["ct", "mr"])
+def test_nan_in_label_is_refused_with_count_and_file(tmp_path, preset):
+    image, label = _nan_label(tmp_path)
+    make = {"ct": lambda **kw: ct_transforms(pixdim=None, **kw), "mr": mr_transforms}[preset]
+    for kwargs in ({}, {"nan_replace": 0.0}):  # replacing image NaNs never silently repairs a label
+        with pytest.raises(InputDataError, match=r"'label' has 3 non-finite voxel\(s\) out of 120") as err:
+            make(**kwargs)({"image": image, "label": label})
+        assert f"'{label}'" in str(err.value)
+    inf_label = tmp_path / "seg_inf.nii.gz"
+    data = np.zeros((6, 5, 4), np.float32)
+    data[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 1.2, 3.0, 1.0])), str(inf_label))
+    with pytest.raises(InputDataError, match=r"1 \+Inf.*seg_inf\.nii\.gz"):
+        make()({"image": image, "label": inf_label})
+
+
+def _fail_midway(monkeypatch, after_bytes=2048):
+    """Make the gzip stream nibabel writes fail with ENOSPC once ``after_bytes`` have gone through."""
+    import errno
+    import gzip
+
+    written = {"n": 0}
+    real_write = gzip.GzipFile.write
+
+    def write(self, data):
+        if written["n"] >= after_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["n"] += len(memoryview(data).cast("B"))
+        return real_write(self, data)
+
+    monkeypatch.setattr(gzip.GzipFile, "write", write)
+    return written
+
+
+def test_write_nifti_is_atomic_when_the_write_fails_midway(tmp_path, monkeypatch):
+    aff = np.diag([0.8, 1.2, 3.0, 1.0])
+    big = MetaTensor(torch.rand((1, 40, 30, 20)), affine=torch.as_tensor(aff))
+    target = tmp_path / "out" / "pred.nii.gz"
+    with monkeypatch.context() as m:
+        written = _fail_midway(m)
+        with pytest.raises(OSError, match="No space left"):
+            write_nifti(big, target)
+        assert written["n"] >= 2048  # it really failed in the middle of the data
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no partial file, no temp left
+    earlier = MetaTensor(torch.ones((1, 4, 3, 2)), affine=torch.as_tensor(aff))
+    write_nifti(earlier, target)
+    before = target.read_bytes()
+    with monkeypatch.context() as m:
+        _fail_midway(m)
+        with pytest.raises(OSError):
+            write_nifti(big, target)
+    assert target.read_bytes() == before and list(target.parent.iterdir()) == [target]
+    assert torch.equal(load_volume(target).as_tensor(), earlier.as_tensor())
+    # SaveNiftid goes through the same path
+    with monkeypatch.context() as m:
+        _fail_midway(m)
+        big.meta["filename_or_obj"] = str(tmp_path / "case07.nii.gz")
+        with pytest.raises(OSError):
+            SaveNiftid("pred", output_dir=tmp_path / "saved", output_postfix="seg")({"pred": big})
+    assert not (tmp_path / "saved" / "case07_seg.nii.gz").exists()
+    assert list((tmp_path / "saved").iterdir()) == []
+    # a normal write still gives the right file (an uncompressed one too)
+    write_nifti(big, tmp_path / "plain.nii")
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "plain.nii")).get_fdata(), big[0].numpy())
+
+
+def test_write_nifti_killed_midway_leaves_no_partial_file(tmp_path):
+    """A process killed while writing (SIGKILL) leaves at most a hidden temp file, never the final name."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "killed.nii.gz"
+    code = (
+        "import gzip, time, torch\n"
+        "from monai.data import MetaTensor\n"
+        "from monai_peft.transforms.nifti_writer import write_nifti\n"
+        "real = gzip.GzipFile.write\n"
+        "def slow(self, data):\n"
+        "    real(self, data); self.flush(); print('writing', flush=True); time.sleep(60)\n"
+        "gzip.GzipFile.write = slow\n"
+        f"write_nifti(MetaTensor(torch.rand((1, 40, 30, 20)), affine=torch.eye(4)), {str(target)!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=str(REPO_ROOT), env=env)
+    try:
+        line = proc.stdout.readline()
+        assert b"writing" in line
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not target.exists()
+    # at most a hidden '.killed.nii.gz.<random>.tmp', never the final name nor anything a '*.nii.gz' glob finds
+    assert all(p.name.startswith(".killed.nii.gz.") and p.suffix == ".tmp" for p in tmp_path.iterdir())
+    assert list(tmp_path.glob("*.nii.gz")) == [] and list(tmp_path.glob("*.nii")) == []
+
+
+def _truncated_copy(src, dst, fraction=0.5):
+    raw = src.read_bytes()
+    dst.write_bytes(raw[: int(len(raw) * fraction)])
+    return dst
+
+
+def test_truncated_nifti_gives_an_error_naming_the_file(tmp_path):
+    aff = np.diag([0.8, 1.2, 3.0, 1.0])
+    data = np.random.default_rng(1).normal(size=(40, 30, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "full.nii.gz"))
+    nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "full.nii"))
+    cut_gz = _truncated_copy(tmp_path / "full.nii.gz", tmp_path / "cut.nii.gz")
+    cut_nii = _truncated_copy(tmp_path / "full.nii", tmp_path / "cut.nii")
+    for cut in (cut_gz, cut_nii):
+        with pytest.raises(InputDataError, match=rf"'{cut}' is truncated"):
+            load_volume(cut)
+        with pytest.raises(InputDataError, match=rf"'{cut}' is truncated"):
+            LoadVolumed("image")({"image": cut})
+        with pytest.raises(InputDataError, match=rf"'{cut}' is truncated"):
+            mr_transforms(label_key=None)({"image": cut})
+    with pytest.raises(InputDataError, match=r"header describes 96352 bytes .* the file has 48176 bytes"):
+        load_volume(cut_nii)  # 352-byte header + 40*30*20 float32, half of it on disk
+    with pytest.raises(InputDataError, match=r"cut\.nii\.gz' is truncated"):
+        ct_transforms(pixdim=None)({"image": tmp_path / "full.nii.gz", "label": cut_gz})
+    damaged = bytearray((tmp_path / "full.nii.gz").read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
+    (tmp_path / "damaged.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(InputDataError, match=r"damaged\.nii\.gz' is (corrupt|truncated)"):
+        load_volume(tmp_path / "damaged.nii.gz")
+
+
+def test_real_brats_file_cut_at_2mb_names_the_file(tmp_path):
+    """As seen after a failed write: the first 2 MB of a 3.3 MB BraTS FLAIR."""
+    src = require_shared("brats/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz")
+    cut = tmp_path / "Flair_partial.nii.gz"
+    cut.write_bytes(src.read_bytes()[: 2 * 1024 * 1024])
+    with pytest.raises(InputDataError, match=r"Flair_partial\.nii\.gz' is truncated.*2097152 bytes"):
+        load_volume(cut)
+    with pytest.raises(InputDataError, match=r"Flair_partial\.nii\.gz' is truncated"):
+        mr_transforms()({"image": cut, "label": src.parent / "OTMultiClass.nii.gz"})

@@ -20,6 +20,7 @@ from monai_peft.networks.heads.extractors import (
     evenly_spaced_indices,
 )
 from monai_peft.networks.heads.factory import SEGMENTATION_HEADS, build_segmentation_model
+from monai_peft.networks.heads.init import HEAD_INIT_STD, init_new_head
 from monai_peft.networks.heads.segmentation import (
     HierarchicalDecoderHead,
     ProgressiveUpsamplingHead,
@@ -36,6 +37,7 @@ from monai_peft.networks.heads.tokens import (
 )
 
 __all__ = [
+    "HEAD_INIT_STD",
     "SEGMENTATION_HEADS",
     "ClassificationHead",
     "ClassificationModel",
@@ -56,6 +58,7 @@ __all__ = [
     "evenly_spaced_indices",
     "grid_from_image",
     "infer_grid",
+    "init_new_head",
     "map_to_tokens",
     "split_prefix_tokens",
     "tokens_to_map",

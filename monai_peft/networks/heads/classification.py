@@ -22,6 +22,7 @@ from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
 from monai_peft.errors import ConfigError, InputDataError
+from monai_peft.networks.heads.init import HEAD_INIT_STD, init_new_head
 
 __all__ = ["ClassificationHead", "ClassificationModel"]
 
@@ -93,7 +94,7 @@ class ClassificationHead(nn.Module):
         act: str | tuple = "relu",
         dropout: float = 0.0,
         init: str = "trunc_normal",
-        init_std: float = 2e-5,
+        init_std: float = HEAD_INIT_STD,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -142,11 +143,10 @@ class ClassificationHead(nn.Module):
         self.classifier = nn.Sequential(*layers)
         self.reset_classifier(init, init_std)
 
-    def reset_classifier(self, init: str = "trunc_normal", init_std: float = 2e-5) -> None:
+    def reset_classifier(self, init: str = "trunc_normal", init_std: float = HEAD_INIT_STD) -> None:
         """Re-initialise the last linear layer (see the class arguments ``init`` / ``init_std``)."""
         if init == "trunc_normal":
-            nn.init.trunc_normal_(self.fc.weight, std=init_std)  # absolute bounds +-2, as timm / MAE
-            nn.init.zeros_(self.fc.bias)
+            init_new_head(self.fc, init_std)  # the library-wide new-head init (absolute bounds +-2, as timm / MAE)
         elif init == "zeros":
             nn.init.zeros_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)

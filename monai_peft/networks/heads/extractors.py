@@ -241,6 +241,20 @@ class MonaiViTFeatures(_TokenFeatures):
             num_prefix_tokens=num_prefix_tokens,
         )
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """As :meth:`FeatureExtractor.check_input`, but padding is not the cure: the ViT's input size is fixed."""
+        try:
+            super().check_input(x)
+        except InputDataError as exc:
+            if "not divisible" not in str(exc):
+                raise
+            raise InputDataError(
+                f"MonaiViTFeatures: image spatial size {tuple(x.shape[2:])} is not divisible by the patch size "
+                f"{self.patch_size}, and the ViT's position embeddings fix its input at {self.n_patches} patches (its "
+                "img_size), so padding does not help. Resize or crop to the ViT's img_size, or run sliding-window "
+                "inference with roi_size=img_size (monai_peft.inference.PeftSlidingWindowInferer)."
+            ) from None
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features of the selected blocks; see the class docstring."""
         self.check_input(x)

@@ -1,0 +1,95 @@
+"""Learning-rate search of one ``(backbone, method, budget)`` cell on the validation split (Optuna).
+
+Each trial samples ``lr`` log-uniformly in ``[low, high]`` with a seeded TPE sampler, trains the cell on the
+training subset of ``lr_search.data_seed`` (default: the study's first seed) for ``lr_search.epochs`` epochs, and
+reports the validation AUROC after every epoch to a ``MedianPruner`` (a trial whose AUROC falls below the median
+of earlier trials at the same epoch stops early). The objective is the best validation AUROC of the trial; the
+learning rate of the best trial is used for every seed of the cell. ``low == high`` fixes the learning rate (no
+search). The test split is not an argument of anything here: tuning cannot see it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from monai_peft.errors import require
+from monai_peft.study.data import GuardedSplits
+from monai_peft.study.grid import TuneCell
+from monai_peft.study.schema import StudySpec
+
+__all__ = ["tune_cell"]
+
+
+def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str, Any]:
+    """Search the learning rate of ``cell``; returns ``{"cell_id", "lr", "val_auroc", "trials": [...], "seconds"}``."""
+    spec = study.lr_search
+    t0 = time.time()
+    if spec.low == spec.high:
+        return {
+            "cell_id": cell.cell_id,
+            "lr": float(spec.low),
+            "val_auroc": None,
+            "trials": [],
+            "seconds": 0.0,
+            "search": "fixed",
+        }
+    optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
+    from monai_peft.study.run import build_cell_model, train_inputs, train_select
+
+    epochs = spec.epochs or study.training.epochs
+    seed = study.tune_seed
+    inputs: dict[str, Any] = {}
+
+    def objective(trial: Any) -> float:
+        lr = trial.suggest_float("lr", spec.low, spec.high, log=True)
+        model, bspec, _ = build_cell_model(study, cell, data.num_classes, data.channels, seed)
+        if not inputs:
+            inputs["v"] = train_inputs(study, data, cell.budget, seed, bspec)
+        tx, ty, vx, vy, _ = inputs["v"]
+
+        def report(epoch: int, value: float) -> None:
+            trial.report(value if math.isfinite(value) else 0.0, step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (val AUROC {value:.4f})")
+
+        selection, _ = train_select(
+            model, tx, ty, vx, vy, lr=lr, epochs=epochs, training=study.training, seed=seed, on_epoch=report
+        )
+        return selection.val_auroc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps),
+    )
+    search.optimize(objective, n_trials=spec.n_trials)
+    trials = [
+        {
+            "number": t.number,
+            "lr": t.params.get("lr"),
+            "state": t.state.name,
+            "val_auroc": t.value,
+            "epochs": len(t.intermediate_values),
+        }
+        for t in search.trials
+    ]
+    done = [t for t in search.trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    if not done:
+        from monai_peft.errors import MonaiPeftError
+
+        raise MonaiPeftError(
+            f"{cell.cell_id}: no learning-rate trial completed with a finite validation AUROC: {trials}"
+        )
+    best = max(done, key=lambda t: t.value)
+    return {
+        "cell_id": cell.cell_id,
+        "lr": float(best.params["lr"]),
+        "val_auroc": float(best.value),
+        "trials": trials,
+        "seconds": time.time() - t0,
+        "search": "optuna-tpe-median-pruner",
+        "data_seed": seed,
+    }

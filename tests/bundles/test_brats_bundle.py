@@ -1,0 +1,177 @@
+"""The BraTS 3D segmentation bundle (bundles/brats_mri_swinunetr_lora) on the real BraTS volumes.
+
+Inference through the ``monai.bundle`` CLI on a real case (output on the input grid: exact shape and affine), the
+shipped adapter's Dice on the held-out case (pat0006) above the value measured by benchmarks/brats_bundle_compare.py
+minus a margin, bad inputs (2D image, wrong number of modalities, NaN volume, adapter for another base: clear
+message naming the file, no output written, earlier outputs intact), and one short training epoch of train.json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT, require_shared
+
+BUNDLE = REPO_ROOT / "bundles" / "brats_mri_swinunetr_lora"
+MODALITIES = ["Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"]
+HELD_OUT = "brats_2013_pat0006_1"
+# measured by `python benchmarks/brats_bundle_compare.py --variant lora --install` (results/brats_compare_lora.json):
+# whole tumour 0.841, edema 0.524 on pat0006; the margin absorbs float differences between machines
+MARGIN = 0.05
+
+
+def _case(tmp_path: Path, name: str = "pat0006") -> Path:
+    """A dataset folder holding one case folder that links the real modality files (nothing is copied)."""
+    src = require_shared(f"brats/{HELD_OUT}")
+    case = tmp_path / "in" / name
+    case.mkdir(parents=True)
+    for m in MODALITIES:
+        (case / m).symlink_to(src / m)
+    return case.parent
+
+
+def _run(config: str = "inference.json", **overrides):
+    from monai.bundle import run
+
+    return run(
+        config_file=str(BUNDLE / "configs" / config),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_prediction(tmp_path_factory):
+    """Run inference.json alone through the CLI on the held-out case; return (output folder, stdout)."""
+    tmp = tmp_path_factory.mktemp("brats_cli")
+    data = _case(tmp)
+    out = tmp / "out"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+        "--dataset_dir", str(data), "--output_dir", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+def test_cli_inference_writes_the_case_on_its_original_grid(cli_prediction):
+    import nibabel as nib
+
+    out, log = cli_prediction
+    assert sorted(p.name for p in out.iterdir()) == ["pat0006_seg.nii.gz"]  # named after the case folder
+    pred = nib.load(out / "pat0006_seg.nii.gz")
+    ref = nib.load(require_shared(f"brats/{HELD_OUT}/{MODALITIES[0]}"))
+    assert pred.shape == ref.shape == (240, 240, 155)
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
+    values = set(np.unique(np.asarray(pred.dataobj)).tolist())
+    assert values <= {0, 1, 2, 3, 4} and len(values) > 1
+    assert "cases" in log  # progress over the cases
+
+
+def test_shipped_adapter_dice_on_held_out_case(cli_prediction):
+    import nibabel as nib
+
+    out, _ = cli_prediction
+    pred = np.asarray(nib.load(out / "pat0006_seg.nii.gz").dataobj).astype(int)
+    label = np.asarray(nib.load(require_shared(f"brats/{HELD_OUT}/OTMultiClass.nii.gz")).dataobj).astype(int)
+
+    def dice(p, g):
+        return 2.0 * (p & g).sum() / max(p.sum() + g.sum(), 1)
+
+    measured = json.loads((REPO_ROOT / "benchmarks/results/brats_compare_lora.json").read_text())["test"][0]
+    whole = dice(pred > 0, label > 0)
+    edema = dice(pred == 2, label == 2)
+    assert whole >= measured["whole_tumour_dice"] - MARGIN, whole
+    assert edema >= measured["dice"]["edema"] - MARGIN, edema
+    assert whole > 0.7  # far above chance whatever the results file says
+
+
+def _bad_case(tmp_path: Path, arrays: dict[str, np.ndarray], affine=None) -> Path:
+    import nibabel as nib
+
+    case = tmp_path / "bad" / "case01"
+    case.mkdir(parents=True)
+    for name, arr in arrays.items():
+        nib.Nifti1Image(arr.astype(np.float32), np.eye(4) if affine is None else affine).to_filename(case / name)
+    return case.parent
+
+
+def _expect_refusal(tmp_path: Path, data: Path, match: str, **overrides) -> None:
+    """Inference must raise naming the problem, write nothing new, and leave an earlier output intact."""
+    from monai_peft.errors import MonaiPeftError
+
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    earlier = out / "earlier_seg.nii.gz"
+    earlier.write_bytes(b"an earlier output")
+    with pytest.raises(Exception) as info:
+        _run(dataset_dir=str(data), output_dir=str(out), device="cpu", **overrides)
+    chain, cur = [], info.value
+    while cur is not None and len(chain) < 20:  # the engine and Compose wrap the library's error
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(e) for e in chain)
+    assert any(isinstance(e, MonaiPeftError) for e in chain), repr(info.value)
+    assert match in text, text
+    assert sorted(p.name for p in out.iterdir()) == ["earlier_seg.nii.gz"]
+    assert earlier.read_bytes() == b"an earlier output"
+
+
+def test_2d_image_is_refused(tmp_path):
+    require_shared(f"brats/{HELD_OUT}")
+    data = _bad_case(tmp_path, {m: np.random.rand(64, 48) for m in MODALITIES})
+    _expect_refusal(tmp_path, data, "3D")
+    _expect_refusal(tmp_path, data, "Flair_subtrMeanDivStd.nii.gz")
+
+
+def test_wrong_number_of_modalities_is_refused(tmp_path):
+    require_shared(f"brats/{HELD_OUT}")
+    data = _case(tmp_path)
+    _expect_refusal(tmp_path, data, "takes 2 channels", modalities=[MODALITIES[0]])
+
+
+def test_nan_volume_is_refused_naming_the_file(tmp_path):
+    require_shared(f"brats/{HELD_OUT}")
+    vol = np.random.rand(40, 36, 30)
+    bad = vol.copy()
+    bad[10, 10, 10] = np.nan
+    data = _bad_case(tmp_path, {MODALITIES[0]: vol, MODALITIES[1]: bad})
+    _expect_refusal(tmp_path, data, "NaN")
+    _expect_refusal(tmp_path, data, "case01")
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    sys.path.insert(0, str(BUNDLE / "scripts"))
+    import brats_swinunetr as bs
+
+    import monai_peft as mp
+
+    data = _case(tmp_path)
+    other = bs.build_network(5, seed=1)  # not the shipped base
+    cfg = mp.LoraConfig(r=8, alpha=16.0, qkv_slices="qv", target_modules=bs.LORA_TARGETS)
+    foreign = tmp_path / "foreign_adapter"
+    mp.get_peft_model(other, cfg, modules_to_save=list(bs.HEAD_MODULES)).save_adapter(foreign)
+    _expect_refusal(tmp_path, data, "different base model", adapter_dir=str(foreign))
+
+
+def test_train_json_runs_one_short_epoch_into_a_temp_folder(tmp_path):
+    require_shared(f"brats/{HELD_OUT}")
+    shipped = (BUNDLE / "models/adapter/adapter_model.safetensors").read_bytes()
+    run_dir = tmp_path / "run"
+    _run("train.json", epochs=1, val_interval=1, output_dir=str(run_dir), train_cases=["brats_2013_pat0003_1"])
+    for sub in ("best", "last"):
+        assert (run_dir / sub / "adapter_model.safetensors").is_file()
+    assert (run_dir / "last" / "trainer_state.pt").is_file()
+    assert any((run_dir / "tb").iterdir())  # TensorBoard events
+    info = json.loads((run_dir / "best" / "checkpoint_info.json").read_text())
+    assert info.get("metric_name") == "val_mean_dice" or "val_mean_dice" in json.dumps(info)
+    assert (BUNDLE / "models/adapter/adapter_model.safetensors").read_bytes() == shipped  # never overwritten

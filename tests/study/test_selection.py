@@ -1,0 +1,63 @@
+"""Validation-only selection: the test split is read only after the selection is final, and once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monai_peft.study.data import TestAccessError, load_splits
+from monai_peft.study.grid import RunCell, TuneCell
+from monai_peft.study.run import run_cell
+from monai_peft.study.schema import study_from_dict
+from monai_peft.study.tune import tune_cell
+from tests.study.helpers import tiny_npz, tiny_study
+
+
+def test_guard_refuses_test_before_selection(tmp_path):
+    study = study_from_dict(tiny_study(tiny_npz(tmp_path)))
+    data = load_splits(study.dataset, study.image_size)
+    with pytest.raises(TestAccessError, match="before model selection on validation was final"):
+        data.test()
+    data.val()
+    data.finalize_selection({"epoch": 1})
+    assert len(data.test()) == 30
+    assert data.access_log == ["val", "selection_final", "test"]
+
+
+def test_run_cell_reads_test_once_after_selection(tmp_path):
+    study = study_from_dict(tiny_study(tiny_npz(tmp_path), training={"epochs": 3, "batch_size": 8}))
+    data = load_splits(study.dataset, study.image_size)
+    rec = run_cell(study, RunCell("tinynet", "bitfit", "f0.5", 0), 1e-2, data)
+    log = data.access_log
+    assert log.count("test") == 1 and log.count("selection_final") == 1
+    assert log.index("selection_final") < log.index("test")
+    assert all(entry != "test" for entry in log[: log.index("selection_final")])
+    assert log[-1] == "test"
+    history = rec["selection"]["history"]
+    assert len(history) == 3
+    best = max(history, key=lambda h: h["val_auroc"])
+    assert rec["selection"]["best_epoch"] == best["epoch"] and rec["selection"]["val_auroc"] == best["val_auroc"]
+    assert rec["train_images"] == 20 and len(rec["test_probs"]) == 30
+    probs = np.asarray(rec["test_probs"])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    lo, hi = rec["test_ci95"]["auroc"]
+    assert lo <= rec["test"]["auroc"] <= hi
+
+
+def test_learning_rate_search_never_reads_test(tmp_path):
+    study = study_from_dict(
+        tiny_study(
+            tiny_npz(tmp_path),
+            training={"epochs": 2, "batch_size": 8},
+            lr_search={"low": 1e-4, "high": 1e-1, "n_trials": 3, "n_startup_trials": 1, "n_warmup_steps": 0},
+        )
+    )
+    data = load_splits(study.dataset, study.image_size)
+    rec = tune_cell(study, TuneCell("tinynet", "linear_probe", "f0.5"), data)
+    assert "test" not in data.access_log and "selection_final" not in data.access_log
+    assert len(rec["trials"]) == 3 and 1e-4 <= rec["lr"] <= 1e-1
+    completed = [t for t in rec["trials"] if t["state"] == "COMPLETE"]
+    assert rec["val_auroc"] == max(t["val_auroc"] for t in completed)
+    assert rec["lr"] == next(t["lr"] for t in completed if t["val_auroc"] == rec["val_auroc"])
+    again = tune_cell(study, TuneCell("tinynet", "linear_probe", "f0.5"), load_splits(study.dataset, study.image_size))
+    assert [t["lr"] for t in again["trials"]] == [t["lr"] for t in rec["trials"]]  # seeded sampler
