@@ -89,15 +89,13 @@ def _metrics(num_classes: int) -> tuple[Any, Any]:
     return post, (key, extra)
 
 
-def evaluate_classifier(
-    model: nn.Module, loader: Iterable, num_classes: int, device: str | torch.device = "cpu", amp: bool = False
-) -> dict[str, float]:
-    """Macro ROC-AUC and accuracy of ``model`` on ``loader`` (dict batches with image/label)."""
+def _classification_evaluator(model: nn.Module, loader: Any, num_classes: int, device: torch.device, amp: bool) -> Any:
+    """A MONAI ``SupervisedEvaluator`` computing macro ROC-AUC (key metric) and accuracy on dict batches."""
     from monai.engines import SupervisedEvaluator
 
     post, (key, extra) = _metrics(num_classes)
-    evaluator = SupervisedEvaluator(
-        device=torch.device(device),
+    return SupervisedEvaluator(
+        device=device,
         val_data_loader=loader,
         network=model,
         inferer=OutputSelectInferer(),
@@ -107,6 +105,14 @@ def evaluate_classifier(
         additional_metrics=extra,
         amp=amp,
     )
+
+
+def evaluate_classifier(
+    model: nn.Module, loader: Iterable, num_classes: int, device: str | torch.device = "cpu", amp: bool = False
+) -> dict[str, float]:
+    """Macro ROC-AUC and accuracy of ``model`` on ``loader`` (dict batches with image/label)."""
+
+    evaluator = _classification_evaluator(model, loader, num_classes, torch.device(device), amp)
     evaluator.run()
     return {k.replace("val_", ""): float(v) for k, v in evaluator.state.metrics.items()}
 
@@ -184,7 +190,7 @@ def fit_classifier(
         :class:`FitResult` with the best validation macro AUC and its epoch.
     """
     from ignite.engine import Events
-    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.engines import SupervisedTrainer
     from monai.handlers import TensorBoardStatsHandler
 
     if not isinstance(model, PeftModel):
@@ -197,18 +203,7 @@ def fit_classifier(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    post, (key, extra) = _metrics(num_classes)
-    evaluator = SupervisedEvaluator(
-        device=device,
-        val_data_loader=val_loader,
-        network=model,
-        inferer=OutputSelectInferer(),
-        prepare_batch=_prepare_batch,
-        postprocessing=post,
-        key_val_metric=key,
-        additional_metrics=extra,
-        amp=amp,
-    )
+    evaluator = _classification_evaluator(model, val_loader, num_classes, device, amp)
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=epochs,
