@@ -96,6 +96,18 @@ def get_peft_model(
     """
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError(f"peft_config must be a monai_peft PeftConfig, got {type(peft_config).__name__}")
+    if isinstance(model, PeftModel):
+        raise AdapterError(
+            "model is already a PeftModel: add another adapter with model.add_adapter(name, config) and "
+            "model.set_adapter(name), or pass the plain base network"
+        )
+    injected = next((name for name, m in model.named_modules() if isinstance(m, AdapterLayer)), None)
+    if injected is not None:
+        raise AdapterError(
+            f"model already holds adapter layers (e.g. at {injected!r}) from an earlier get_peft_model call, which "
+            "modified it in place; wrapping it again would train and save both. Build a fresh base network, or use "
+            "add_adapter/set_adapter on the first PeftModel"
+        )
     if modules_to_save:
         merged = list(dict.fromkeys([*(peft_config.modules_to_save or []), *modules_to_save]))
         peft_config = peft_config.replace(modules_to_save=merged)

@@ -386,3 +386,15 @@ def test_print_trainable_parameters(capsys):
     out = capsys.readouterr().out
     t, a = model.trainable_parameters()
     assert out.strip() == f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"
+
+
+def test_get_peft_model_refuses_a_network_that_already_holds_adapters():
+    """get_peft_model modifies its base in place: wrapping the same network twice would silently train both."""
+    net = tiny_vit()
+    first_model = mp.get_peft_model(net, mp.LoraConfig(r=2))
+    with pytest.raises(mp.AdapterError, match="already holds adapter layers"):
+        mp.get_peft_model(net, mp.get_config("ssf"))
+    with pytest.raises(mp.AdapterError, match="already a PeftModel"):
+        mp.get_peft_model(first_model, mp.get_config("ssf"))
+    first_model.add_adapter("ssf", mp.get_config("ssf"))  # the supported way to hold a second method
+    assert set(first_model.peft_config) == {"default", "ssf"}
