@@ -45,7 +45,7 @@ import brats_swinunetr as bs  # noqa: E402
 TRAIN = ("brats_2013_pat0003_1", "brats_2013_pat0004_1")
 VAL = ("brats_2013_pat0005_1",)
 TEST = ("brats_2013_pat0006_1",)
-VARIANTS = ("lora", "full", "scratch")
+VARIANTS = ("lora", "dka", "decoder", "full", "scratch")
 LORA = {
     "r": 8,
     "alpha": 16.0,
@@ -73,7 +73,12 @@ def build(variant: str, base_file: Path) -> tuple[torch.nn.Module, torch.nn.Modu
     cfg = mp.LoraConfig(
         r=LORA["r"], alpha=LORA["alpha"], qkv_slices=LORA["qkv_slices"], target_modules=LORA["target_modules"]
     )
-    model = mp.get_peft_model(base, cfg, modules_to_save=LORA["modules_to_save"])
+    if variant == "dka":  # one Dual-Kernel Adapter after every Swin block (the preset), + the head
+        cfg = mp.get_config("dka")
+    elif variant == "decoder":  # the Swin encoder frozen; the CNN encoder/decoder convs and the head trained
+        decoder = [name for name, _ in base.named_children() if name != "swinViT"]
+        cfg = mp.get_config("partial", target_modules=decoder, k=len(decoder), include_head=False)
+    model = mp.get_peft_model(base, cfg, modules_to_save=LORA["modules_to_save"] if variant != "decoder" else None)
     return model, model
 
 
@@ -132,10 +137,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    if args.variant == "lora":
+    if args.variant in ("lora", "dka", "decoder"):
         adapter_dir = trained.save_adapter(work / "adapter")
         files = [adapter_dir / "adapter_model.safetensors"]
-        if args.install:
+        if args.install and args.variant == "lora":
             dst = BUNDLE / "models" / "adapter"
             tmp = dst.with_name(".adapter.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +165,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "seed": args.seed,
         "lora": LORA if args.variant == "lora" else None,
+        "peft_config": trained.peft_config["default"].to_dict() if hasattr(trained, "peft_config") else None,
         "base_sha256": bs.file_sha256(base_file) if args.variant != "scratch" else None,
         "split": {"train": TRAIN, "val": VAL, "test": TEST},
         "test": test,
@@ -189,6 +195,8 @@ def table() -> str:
     ]
     names = {
         "lora": "LoRA r=8 (Swin q,v + decoder convs) + head, from base",
+        "dka": "DKA after every Swin block + head, from base",
+        "decoder": "decoder only (Swin encoder frozen), from base",
         "full": "full fine-tuning from base",
         "scratch": "from scratch",
     }

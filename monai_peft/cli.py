@@ -8,6 +8,8 @@ Sub-commands::
     monai-peft erf [--backbone B] [--adapter DIR] ...  effective receptive field on real images
     monai-peft study CONFIG [--out DIR] [--workers N] [--ray ADDRESS] [--resume]
                                                        the PEFT study grid (docs/study.md)
+    monai-peft pretrain DATA [--out DIR] [--image-size H W [D]] [--epochs N] [--resume] ...
+                                                       MAE self-supervised pretraining (a study backbone)
 """
 
 from __future__ import annotations
@@ -116,6 +118,97 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from monai_peft.pretrain import MAEPretrainConfig, pretrain_mae
+
+    cfg = MAEPretrainConfig(
+        data=args.data,
+        out=args.out,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        patch_size=args.patch_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        mlp_dim=args.mlp_dim,
+        decoder_hidden_size=args.decoder_hidden_size,
+        decoder_layers=args.decoder_layers,
+        decoder_heads=args.decoder_heads,
+        mask_ratio=args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        save_every=args.save_every,
+        max_steps=args.max_steps,
+        device=args.device,
+        in_channels=args.in_channels,
+        spatial_dims=args.spatial_dims,
+        data_key=args.key,
+        pattern=args.pattern,
+        progress=not args.no_progress,
+        tensorboard=not args.no_tensorboard,
+    )
+    res = pretrain_mae(cfg, resume=args.resume)
+    if not res["finished"]:
+        print(f"stopped at step {res['step']} of {res['total_steps']}; continue with --resume (same options)")
+        return 0
+    arch = res["architecture"]
+    print(
+        f"MAE-ViT ({arch['spatial_dims']}D, {arch['img_size']}, patch {arch['patch_size']}, width "
+        f"{arch['hidden_size']}, {arch['num_layers']} layers, {res['encoder_parameters']:,d} encoder parameters) "
+        f"pretrained on {res['pretraining']['images']} images in {res['pretraining']['seconds']:.0f} s; "
+        f"final epoch loss {res['pretraining']['epoch_loss'][-1]:.4f}"
+    )
+    print(f"  encoder: {res['out']}/encoder.safetensors + mae_vit.json")
+    print(f"  use it: load_backbone('mae_vit', '{res['out']}', num_classes=K) or, in a study file,")
+    print(f"          backbones: [{{name: mae_vit, source: {res['out']}}}]")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="MAE self-supervised pretraining of a ViT on unlabelled images (2D npz or a folder of NIfTI volumes)",
+        description="MAE pretraining with MONAI's MaskedAutoEncoderViT. The --out folder (encoder.safetensors + "
+        "mae_vit.json) is the backbone 'mae_vit' of load_backbone and of study files. Checkpoints are saved "
+        "atomically every --save-every steps and at each epoch end: after a kill, rerun the same command with "
+        "--resume to continue from the last saved step.",
+    )
+    p.add_argument("data", help="an .npz (MedMNIST: train_images; labels unused) or a folder of NIfTI files")
+    p.add_argument("--out", default="runs/pretrain_mae", help="output folder (default runs/pretrain_mae)")
+    p.add_argument(
+        "--image-size", type=int, nargs="+", default=None, help="H W (2D) or D H W (3D); one value for all axes"
+    )
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=96, help="divisible by 4 (2D) / 6 (3D)")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--mlp-dim", type=int, default=None, help="default 4 x hidden size")
+    p.add_argument("--decoder-hidden-size", type=int, default=48)
+    p.add_argument("--decoder-layers", type=int, default=2)
+    p.add_argument("--decoder-heads", type=int, default=4)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised targets (MAE)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (continue with --resume)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--in-channels", type=int, default=None, choices=[1, 3])
+    p.add_argument("--spatial-dims", type=int, default=None, choices=[2, 3])
+    p.add_argument("--key", default="train_images", help="npz array holding the images")
+    p.add_argument("--pattern", default=None, help="folder: glob of the files to use, e.g. '**/Flair*.nii.gz'")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-peft", description="Parameter-efficient fine-tuning for MONAI.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -166,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monai_peft.analysis.erf_cli import add_erf_command
 
     add_erf_command(sub)
+    _add_pretrain(sub)
     for add in _EXTRA_COMMANDS:
         add(sub)
     return parser

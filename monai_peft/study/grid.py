@@ -7,7 +7,9 @@ Two kinds of work item, both deterministic functions of the :class:`~monai_peft.
   on validation, one evaluation on test.
 
 Budgets are named ``"f<fraction>"`` (per-class fraction, e.g. ``f0.01``) and ``"k<K>"`` (K-shot, e.g. ``k5``).
-Order: backbones, then methods, then budgets (fractions then K-shots), then seeds, as written in the file.
+Order: backbones, then methods, then budgets (fractions then K-shots), then seeds, as written in the file. A method
+with ``backbones: [...]`` runs on those backbones only; ``budgets.k_shot_methods`` limits the K-shot arm to the
+methods it names.
 """
 
 from __future__ import annotations
@@ -63,10 +65,18 @@ class RunCell:
 
 
 def expand_tuning(study: StudySpec) -> list[TuneCell]:
-    """Every ``(backbone, method, budget)`` of the study."""
-    return [TuneCell(b.key, m.key, bud) for b in study.backbones for m in study.methods for bud in budget_names(study)]
+    """Every ``(backbone, method, budget)`` of the study (restricted by ``methods[i].backbones`` and
+    ``budgets.k_shot_methods``)."""
+    return [
+        TuneCell(b.key, m.key, bud)
+        for b in study.backbones
+        for m in study.methods
+        if m.runs_on(b.key)
+        for bud in budget_names(study)
+        if study.budgets.applies(bud, m.key)
+    ]
 
 
 def expand_grid(study: StudySpec) -> list[RunCell]:
-    """Every ``(backbone, method, budget, seed)`` of the study: ``len = B x M x (F + K) x S``."""
+    """Every ``(backbone, method, budget, seed)`` of the study: ``len = B x M x (F + K) x S`` without restrictions."""
     return [RunCell(t.backbone, t.method, t.budget, int(s)) for t in expand_tuning(study) for s in study.seeds]

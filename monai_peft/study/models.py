@@ -6,6 +6,9 @@ Backbones (``backbones[i].name``):
   ``_fc`` for the study's classes; input channels and ``image_size`` follow the study.
 * ``vit_b16_in21k``, ``vit_b16_mae``, ``mrm``, ``cxr_mae`` - ViT-B/16 checkpoints (``source:`` required) with a
   fresh head; ``img_size`` / ``in_channels`` follow the study.
+* ``mae_vit`` - a ViT pretrained with ``monai-peft pretrain`` (``source:`` its ``--out`` folder;
+  :func:`monai_peft.pretrain.load_mae_vit`): MAE fine-tuning protocol (mean-pooled patch tokens, fresh ``fc_norm``
+  and head); position embeddings resampled when ``image_size`` differs from the pretraining size.
 * ``litemedsam_encoder`` - LiteMedSAM's TinyViT encoder (fixed 256 x 256, 3 channels) with an average-pooled
   linear head on its neck map (:class:`~monai_peft.networks.heads.ClassificationModel`).
 * ``monai:<Net>`` - a network of ``monai.networks.nets`` built **from scratch** with
@@ -32,12 +35,13 @@ from monai_peft.study.schema import BackboneSpec, MethodSpec, StudySpec
 __all__ = ["build_classifier", "build_peft_model", "check_backbone_methods", "method_config", "study_backbones"]
 
 _HEAD_TRAINED_BY_METHOD = ("full_finetune", "linear_probe", "partial")
-_VITS = ("vit_b16_in21k", "vit_b16_mae", "mrm", "cxr_mae")
+_VITS = ("vit_b16_in21k", "vit_b16_mae", "mrm", "cxr_mae", "mae_vit")
 _CLASSIFIERS = ("efficientnet_lite0", "litemedsam_encoder", *_VITS)
 
 
 def study_backbones() -> list[str]:
     """Backbone names a classification study accepts (``monai:<Net>`` also works for any MONAI network)."""
+    import monai_peft.pretrain  # noqa: F401  (registers the backbone mae_vit)
     from monai_peft.networks import list_backbones
 
     return [n for n in list_backbones() if n in _CLASSIFIERS] + ["monai:<Net> (from scratch, e.g. monai:DenseNet121)"]
@@ -53,8 +57,12 @@ def build_classifier(
         ``(B, num_classes)`` (or a tuple whose first item is the logits).
     """
     import monai_peft as mp
+    from monai_peft.study.presets import register_study_presets
 
+    register_study_presets()
     kwargs = dict(spec.kwargs)
+    if spec.name == "mae_vit":
+        import monai_peft.pretrain  # registers the backbone mae_vit
     if spec.name.startswith("monai:"):
         import monai.networks.nets as nets
 
@@ -89,16 +97,17 @@ def build_classifier(
         )
     elif spec.name == "litemedsam_encoder":
         from monai_peft.networks import load_backbone
-        from monai_peft.networks.heads import ClassificationHead, ClassificationModel, TinyViTFeatures
+        from monai_peft.networks.heads import ClassificationHead, TinyViTFeatures
 
         if image_size != 256 or in_channels != 3:
             raise ConfigError(
-                "backbone 'litemedsam_encoder' takes 256 x 256 RGB input: set image_size: 256 and dataset.channels: 3."
+                "backbone 'litemedsam_encoder' takes 256 x 256 RGB input: give it image_size: 256 and channels: 3 "
+                "(in its backbones entry, or the study's image_size and dataset.channels)."
             )
+        from monai_peft.study.presets import TinyViTClassifier
+
         features = TinyViTFeatures(load_backbone(spec.name, spec.source, **kwargs), layers=())
-        net = ClassificationModel(
-            features, ClassificationHead(features.feature_channels[-1], num_classes, pooling="avg")
-        )
+        net = TinyViTClassifier(features, ClassificationHead(features.feature_channels[-1], num_classes, pooling="avg"))
         return net, ["head"]
     else:
         from monai_peft.networks import list_backbones
@@ -164,10 +173,12 @@ def check_backbone_methods(study: StudySpec, num_classes: int, in_channels: int)
             )
     out: dict[str, dict[str, int]] = {}
     for b in study.backbones:
-        net, head = build_classifier(b, num_classes, in_channels, study.image_size)
+        net, head = build_classifier(b, num_classes, b.channels or in_channels, study.input_size(b))
         applicable = mp.applicable_methods(net)
         out[b.key] = {}
         for m in study.methods:
+            if not m.runs_on(b.key):
+                continue
             try:
                 model = build_peft_model(copy.deepcopy(net), head, m)
             except Exception as exc:
@@ -176,7 +187,8 @@ def check_backbone_methods(study: StudySpec, num_classes: int, in_channels: int)
                 ok = ", ".join(applicable) or "none"
                 raise MethodNotApplicableError(
                     f"method {m.key!r} ({m.name}) does not apply to backbone {b.key!r}: {exc}. Methods that apply to "
-                    f"{b.key!r} with their defaults: {ok}."
+                    f"{b.key!r} with their defaults: {ok}. To keep {m.key!r} for the other backbones, give it "
+                    f"backbones: [...] without {b.key!r}."
                 ) from exc
             out[b.key][m.key] = int(model.trainable_parameters()[0])
     return out

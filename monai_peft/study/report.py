@@ -29,7 +29,7 @@ from monai_peft.study.grid import budget_label
 from monai_peft.study.metrics import METRICS, bootstrap_ci, mean_std
 from monai_peft.study.store import write_json
 
-__all__ = ["load_records", "summarise", "write_report"]
+__all__ = ["expected_cells", "load_records", "summarise", "write_report"]
 
 _ROW_FIELDS = [
     "backbone", "method", "budget", "seed", "lr", "train_images", "best_epoch", "val_auroc",
@@ -251,14 +251,27 @@ def plots(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> list
     return out
 
 
+def expected_cells(study: dict[str, Any]) -> int:
+    """Runs of the grid of ``study`` (a ``study.json`` mapping), with ``methods[i].backbones`` and
+    ``budgets.k_shot_methods`` applied (:func:`~monai_peft.study.grid.expand_grid`)."""
+    backbones, _, budgets = _order(study)
+    k_methods = study["budgets"].get("k_shot_methods")
+    n = 0
+    for m in study["methods"]:
+        key = m["label"] or m["name"]
+        on = [b for b in backbones if not m.get("backbones") or b in m["backbones"]]
+        buds = [b for b in budgets if not b.startswith("k") or k_methods is None or key in k_methods]
+        n += len(on) * len(buds)
+    return n * len(study["seeds"])
+
+
 def write_report(root: str | Path) -> dict[str, str]:
     """Write the report files of a results folder; returns ``{kind: path}``."""
     root = Path(root)
     head, records = load_records(root)
     study = head["study"]
     rows = summarise(study, records)
-    backbones, methods, budgets = _order(study)
-    expected = len(backbones) * len(methods) * len(budgets) * len(study["seeds"])
+    expected = expected_cells(study)
     paths = {
         "results_csv": root / "results.csv",
         "summary_csv": root / "summary.csv",

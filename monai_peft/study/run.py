@@ -12,8 +12,9 @@ best epoch's trainable tensors and buffers. It never receives test data.
 3. :meth:`~monai_peft.study.data.GuardedSplits.finalize_selection` - only now can the test split be read;
 4. restore the best epoch, predict test once, compute AUROC / accuracy / macro-F1 and their bootstrap CIs.
 
-Inputs of the networks: images scaled to [0, 1], resized to ``image_size`` (bilinear, MONAI ``Resize``),
-normalised with the backbone's ``(x - mean) / std``, shape ``(B, C, image_size, image_size)``.
+Inputs of the networks: images scaled to [0, 1], resized to the backbone's ``image_size`` (else the study's;
+bilinear, MONAI ``Resize``), converted to the backbone's ``channels`` when it sets them, normalised with the
+backbone's ``(x - mean) / std``, shape ``(B, C, image_size, image_size)``.
 """
 
 from __future__ import annotations
@@ -53,12 +54,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_images(images: np.ndarray, image_size: int, mean: float, std: float) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` / ``(N, H, W, 3)`` -> float32 ``(N, C, image_size, image_size)``, ``(x / 255 - mean) / std``."""
+def prepare_images(
+    images: np.ndarray, image_size: int, mean: float, std: float, channels: int | None = None
+) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` / ``(N, H, W, 3)`` -> float32 ``(N, C, image_size, image_size)``, ``(x / 255 - mean) / std``.
+
+    ``channels`` (None: as stored) converts: grayscale repeated to 3 channels, RGB to gray by luminance.
+    """
     from monai.transforms import Resize
 
     x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32) / 255.0
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
+    if channels == 3 and x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    elif channels == 1 and x.shape[1] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
     n, c, h, w = x.shape
     if (h, w) != (image_size, image_size):
         resize = Resize((image_size, image_size), mode="bilinear", anti_aliasing=False)
@@ -182,7 +192,7 @@ def build_cell_model(
     bspec = _spec(study.backbones, cell.backbone, "backbone")
     mspec = _spec(study.methods, cell.method, "method")
     seed_everything(seed)
-    net, head = build_classifier(bspec, num_classes, in_channels, study.image_size)
+    net, head = build_classifier(bspec, num_classes, bspec.channels or in_channels, study.input_size(bspec))
     return build_peft_model(net, head, mspec), bspec, mspec
 
 
@@ -193,8 +203,9 @@ def train_inputs(
     train: SplitArrays = data.train()
     val: SplitArrays = data.val()
     idx = budget_indices(train.labels, budget, study.budgets, seed, data.classes)
-    tx = prepare_images(train.images[idx], study.image_size, bspec.mean, bspec.std)
-    vx = prepare_images(val.images, study.image_size, bspec.mean, bspec.std)
+    size = study.input_size(bspec)
+    tx = prepare_images(train.images[idx], size, bspec.mean, bspec.std, bspec.channels)
+    vx = prepare_images(val.images, size, bspec.mean, bspec.std, bspec.channels)
     return tx, torch.as_tensor(train.labels[idx], dtype=torch.long), vx, val.labels, len(idx)
 
 
@@ -214,7 +225,7 @@ def run_cell(study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits) ->
     data.finalize_selection(selection)  # from here on the test split may be read
     model.load_state_dict(best_state, strict=False)
     test = data.test()
-    x_test = prepare_images(test.images, study.image_size, bspec.mean, bspec.std)
+    x_test = prepare_images(test.images, study.input_size(bspec), bspec.mean, bspec.std, bspec.channels)
     probs = predict_proba(model, x_test, study.training.eval_batch_size, torch.device(study.training.device))
     metrics = classification_metrics(probs, test.labels)
     ci = {

@@ -23,15 +23,19 @@ A study file is a mapping with these keys (``*`` = required; every other key has
         kwargs: {}                     #   passed to the backbone loader / MONAI network
         mean: 0.5                      #   input normalisation: (x - mean) / std on images in [0, 1]
         std: 0.5
+        image_size: null               #   this backbone's input size (default: the study's image_size)
+        channels: null                 #   this backbone's input channels: gray repeated to 3 / RGB to gray
     methods:                           # * one or more
       - name: lora                     #   monai_peft.list_methods() name
         label: null                    #   name in tables (default: name); labels must be unique
         kwargs: {r: 4, alpha: 8}       #   config fields: monai_peft.get_config(name, **kwargs)
         preset: null                   #   a paper preset, when monai_peft.get_config supports preset=
+        backbones: []                  #   backbone labels this method runs on (default []: every backbone)
     budgets:                           # * at least one fraction or K
       fractions: [0.01, 0.1, 1.0]      #   per-class fractions of the training split
       k_shots: [1, 5, 10]              #   K images of every class
       min_per_class: 0                 #   a fraction keeps at least this many images per class
+      k_shot_methods: null             #   method labels of the K-shot arm (default null: every method)
     seeds: [0, 1, 2]                   # * data subset, initialisation and shuffling per seed
     training:
       epochs: 10
@@ -148,6 +152,8 @@ class BackboneSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: float = 0.5
     std: float = 0.5
+    image_size: int | None = None
+    channels: int | None = None
 
     @property
     def key(self) -> str:
@@ -159,6 +165,12 @@ class BackboneSpec:
             raise ConfigError("every backbone needs a name.")
         if not self.std > 0:
             raise ConfigError(f"backbone {self.key!r}: std must be > 0, got {self.std}.")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 8):
+            raise ConfigError(
+                f"backbone {self.key!r}: image_size must be an integer >= 8 or null, got {self.image_size!r}."
+            )
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"backbone {self.key!r}: channels must be 1, 3 or null, got {self.channels!r}.")
 
 
 @dataclass(frozen=True)
@@ -169,10 +181,15 @@ class MethodSpec:
     label: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
+    backbones: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         return self.label or self.name
+
+    def runs_on(self, backbone: str) -> bool:
+        """Whether this method is part of the grid on ``backbone`` (a backbone key); empty ``backbones``: all."""
+        return not self.backbones or backbone in self.backbones
 
     def validate(self) -> None:
         if not self.name:
@@ -186,6 +203,11 @@ class BudgetSpec:
     fractions: tuple[float, ...] = ()
     k_shots: tuple[int, ...] = ()
     min_per_class: int = 0
+    k_shot_methods: tuple[str, ...] | None = None
+
+    def applies(self, budget: str, method: str) -> bool:
+        """Whether ``method`` (a method key) runs with ``budget`` (``f<fraction>`` / ``k<K>``)."""
+        return not budget.startswith("k") or self.k_shot_methods is None or method in self.k_shot_methods
 
     def validate(self) -> None:
         if not self.fractions and not self.k_shots:
@@ -304,6 +326,23 @@ class StudySpec:
             for k in keys:
                 if not re.fullmatch(r"[A-Za-z0-9_.+-]+", k):
                     raise ConfigError(f"{what} label {k!r} may only hold letters, digits and _ . + - (it names files).")
+        backbone_keys = [b.key for b in self.backbones]
+        method_keys = [m.key for m in self.methods]
+        for m in self.methods:
+            unknown = [b for b in m.backbones if b not in backbone_keys]
+            if unknown:
+                raise ConfigError(
+                    f"method {m.key!r} lists backbones {unknown} that are not in the study; backbones: {backbone_keys}."
+                )
+        if self.budgets.k_shot_methods is not None:
+            unknown = [k for k in self.budgets.k_shot_methods if k not in method_keys]
+            if unknown:
+                raise ConfigError(
+                    f"budgets.k_shot_methods lists {unknown}, which are not method labels of the study; methods: "
+                    f"{method_keys}."
+                )
+            if not self.budgets.k_shots:
+                raise ConfigError("budgets.k_shot_methods is set but budgets.k_shots is empty; add k_shots: [...].")
         for part in (
             self.dataset,
             *self.backbones,
@@ -314,6 +353,10 @@ class StudySpec:
             self.metrics,
         ):
             part.validate()
+
+    def input_size(self, backbone: BackboneSpec) -> int:
+        """Input size of ``backbone``: its own ``image_size``, else the study's."""
+        return backbone.image_size or self.image_size
 
     @property
     def tune_seed(self) -> int:
@@ -329,6 +372,16 @@ class StudySpec:
         data = self.to_dict()
         for section, key in _EXECUTION_ONLY:
             data.get(section, {}).pop(key, None)
+        # keys added after the first release leave the hash of studies that do not use them unchanged
+        if data["budgets"].get("k_shot_methods") is None:
+            data["budgets"].pop("k_shot_methods", None)
+        for m in data["methods"]:
+            if not m.get("backbones"):
+                m.pop("backbones", None)
+        for b in data["backbones"]:
+            for key in ("image_size", "channels"):
+                if b.get(key) is None:
+                    b.pop(key, None)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

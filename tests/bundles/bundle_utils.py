@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,17 @@ def run_shell(command: str, cwd: Path, timeout: float = 900) -> subprocess.Compl
 
 def quote(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
+
+
+def permission_bits_enforced() -> bool:
+    """False when this process may write into a read-only folder (root with CAP_DAC_OVERRIDE, as in CI containers);
+    root without it (``setpriv --bounding-set=-dac_override,-dac_read_search``) runs the chmod tests too."""
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o555)
+        try:
+            with open(os.path.join(d, "probe"), "wb"):
+                return False
+        except OSError:
+            return True
+        finally:
+            os.chmod(d, 0o755)

@@ -281,3 +281,40 @@ def test_an_empty_folder_says_what_to_put_in_it(tmp_path, previous_output):
         _infer(str(tmp_path / "empty"), previous_output)
     assert "is empty" in str(_cause(info.value))
     _assert_untouched(previous_output)
+
+
+# ------------------------------------------------------------------------------ real DICOM, colour, wrong modality
+def test_inference_on_a_real_dicom_file_without_labels(tmp_path):
+    """A real (uncompressed, 512 x 512) DICOM image from a scanner, given as a one-file list and in a folder: the
+    bundle writes a prediction for it. It is a CT slice, not a radiograph: the bundle does not check the DICOM
+    Modality and classifies it anyway (documented in docs/README.md, 'Data'), so only the shape of the output is
+    checked, plus that it is the same both ways."""
+    ct = require_shared("dicom/ct_512.dcm")
+    _infer([str(ct)], tmp_path / "one")
+    (row,) = _rows(tmp_path / "one" / "predictions.csv")
+    assert row["case"] == "ct_512" and row["prediction"] in ("normal", "pneumonia")
+    p = float(row["prob_pneumonia"])
+    assert 0.0 <= p <= 1.0 and abs(float(row["prob_normal"]) + p - 1.0) < 1e-5
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    shutil.copy(ct, folder / "IM0001")  # no suffix: recognised as DICOM by its preamble
+    _infer(str(folder), tmp_path / "folder")
+    (again,) = _rows(tmp_path / "folder" / "predictions.csv")
+    assert again["case"] == "IM0001" and abs(float(again["prob_pneumonia"]) - p) < 1e-6
+
+
+def test_colour_images_are_read_as_grayscale(sample_images, tmp_path):
+    """A colour (RGB) export of a radiograph has 3 channels; the 1-channel network gets its luma, so an RGB file with
+    R = G = B gives the grayscale file's prediction."""
+    import numpy as np
+    from PIL import Image
+
+    gray = np.asarray(Image.open(sample_images / "pneumoniamnist_test_0002.png"))
+    data = tmp_path / "rgb"
+    data.mkdir()
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(data / "grey_as_rgb.png")
+    Image.fromarray(gray).save(data / "grey.png")
+    _infer(str(data), tmp_path / "pred")
+    rows = {r["case"]: float(r["prob_pneumonia"]) for r in _rows(tmp_path / "pred" / "predictions.csv")}
+    assert set(rows) == {"grey", "grey_as_rgb"}
+    assert abs(rows["grey"] - rows["grey_as_rgb"]) < 1e-6

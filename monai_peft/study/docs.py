@@ -1,0 +1,216 @@
+"""Keep the study results quoted in ``docs/study.md`` equal to the committed results files.
+
+A block of the page between::
+
+    <!-- study-results: docs/study/<name> -->
+    ...
+    <!-- /study-results -->
+
+is the Markdown table that :func:`monai_peft.study.report.markdown` renders from ``docs/study/<name>/summary.json``
+and ``study.json`` (copied from a results folder with :func:`publish`). A block between
+``<!-- study-claims: docs/study/<name> -->`` and ``<!-- /study-claims -->`` is :func:`render_claims`: the source
+papers' claims of issue 12, each checked against the same summary (or marked as not tested by that grid). Usage from the repository root::
+
+    python -m monai_peft.study.docs                 # rewrite every block of docs/study.md
+    python -m monai_peft.study.docs --check         # exit 1 if a block differs from its results files
+    python -m monai_peft.study.docs --publish runs/study_cpu_reduced docs/study/pneumoniamnist_cpu_reduced
+
+so no figure on the page is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from monai_peft.errors import ConfigError
+
+__all__ = ["MEDMNIST_V2_RESNET18_28", "PUBLISHED_FILES", "publish", "render_block", "render_claims", "update_doc"]
+
+#: MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3): ResNet-18 (28) on PneumoniaMNIST, test AUC / ACC.
+MEDMNIST_V2_RESNET18_28 = {"auroc": 0.944, "accuracy": 0.854}
+
+#: Files of a results folder that are committed under docs/study/<name>/ (cells/ and tune/ stay in runs/).
+PUBLISHED_FILES = ("study.json", "summary.json", "summary.csv", "results.csv", "table.md", "fraction.png", "params.png")
+_BLOCK = re.compile(
+    r"(<!-- study-(?P<kind>results|claims): (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /study-(?P=kind) -->)", re.S
+)
+
+
+def render_block(folder: str | Path) -> str:
+    """The Markdown of a published results folder (``study.json`` + ``summary.json``), demoted by one level."""
+    from monai_peft.study.report import markdown
+
+    folder = Path(folder)
+    try:
+        head = json.loads((folder / "study.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{folder} is not a published study (needs study.json and summary.json): {exc}") from exc
+    if summary.get("config_hash") != head.get("config_hash"):
+        raise ConfigError(f"{folder}: summary.json and study.json come from different studies (config hashes differ).")
+    text = markdown(head["study"], summary["rows"], summary["expected_cells"], summary["finished_cells"])
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"
+
+
+def _fmt(row: dict) -> str:
+    return f"{row['method']} {row['test_auroc_mean']:.3f} ± {row['test_auroc_std']:.3f}"
+
+
+def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
+    """The claim rows of one backbone (see :func:`render_claims`)."""
+    lines: list[str] = []
+
+    def at(budget: str, method_name: str | None = None) -> list[dict]:
+        return [r for r in mine if r["budget"] == budget and (method_name is None or r["method_name"] == method_name)]
+
+    def add(claim: str, comparison: str, verdict: str) -> None:
+        lines.append(f"| {backbone} | {claim} | {comparison} | {verdict} |")
+
+    claim = "at 1 %, the best PEFT method beats full fine-tuning"
+    full, peft = at("f0.01", "full_finetune"), [r for r in at("f0.01") if r["method_name"] != "full_finetune"]
+    if full and peft:
+        best = max(peft, key=lambda r: r["test_auroc_mean"])
+        ok = best["test_auroc_mean"] > full[0]["test_auroc_mean"]
+        add(claim, f"{_fmt(best)} vs {_fmt(full[0])}", "supported" if ok else "**not supported**")
+    else:
+        add(claim, "needs full_finetune and a PEFT method at 1 %", "not tested")
+    claim = "DKA is not worse than the bottleneck adapter"
+    pairs = [(b, at(b, "dka"), at(b, "adapter")) for b in dict.fromkeys(r["budget"] for r in mine)]
+    pairs = [(b, d[0], a[0]) for b, d, a in pairs if d and a]
+    if pairs:
+        parts = [f"{d['budget_label']}: {_fmt(d)} vs {_fmt(a)}" for _, d, a in pairs]
+        worse = [d["budget_label"] for _, d, a in pairs if d["test_auroc_mean"] < a["test_auroc_mean"]]
+        add(claim, "; ".join(parts), "supported" if not worse else f"**not supported** at {', '.join(worse)}")
+    else:
+        add(claim, "needs dka and adapter at the same budget", "not tested")
+    claim = "adapters fall below the linear probe under 1 % of the data, and DKA fixes that"
+    lp, ad, dk = at("f0.01", "linear_probe"), at("f0.01", "adapter"), at("f0.01", "dka")
+    if lp and ad and dk:
+        below = ad[0]["test_auroc_mean"] < lp[0]["test_auroc_mean"]
+        fixed = dk[0]["test_auroc_mean"] >= lp[0]["test_auroc_mean"]
+        verdict = (
+            "supported"
+            if below and fixed
+            else (
+                "**not supported**: the adapter is not below the probe"
+                if not below
+                else "**not supported**: DKA stays below the probe"
+            )
+        )
+        add(claim, f"1 %: {_fmt(ad[0])}, {_fmt(dk[0])}, {_fmt(lp[0])}", verdict)
+    else:
+        add(claim, "needs adapter, dka and linear_probe at 1 %", "not tested")
+    claim = "EPT beats VPT in few-shot classification"
+    shots = [b for b in dict.fromkeys(r["budget"] for r in mine) if b.startswith("k")]
+    pairs = [(at(b, "ept"), at(b, "vpt")) for b in shots]
+    pairs = [(e[0], v[0]) for e, v in pairs if e and v]
+    if pairs:
+        parts = [f"{e['budget_label']}: {_fmt(e)} vs {_fmt(v)}" for e, v in pairs]
+        lost = [e["budget_label"] for e, v in pairs if e["test_auroc_mean"] <= v["test_auroc_mean"]]
+        add(claim, "; ".join(parts), "supported" if not lost else f"**not supported** at {', '.join(lost)}")
+    else:
+        add(claim, "needs ept and vpt at a K-shot budget", "not tested")
+    claim = "at 100 %, the best PEFT method reaches AUROC ≥ 0.96 with ≤ 2 % trainable parameters"
+    small = [r for r in at("f1") if r["method_name"] != "full_finetune" and r["trainable_percent"] <= 2.0]
+    if small:
+        best = max(small, key=lambda r: r["test_auroc_mean"])
+        ok = best["test_auroc_mean"] >= 0.96
+        add(claim, f"{_fmt(best)} ({best['trainable_percent']:.2f} %)", "supported" if ok else "**not supported**")
+    else:
+        add(claim, "needs the 100 % budget", "not tested (no 100 % budget in this grid)")
+    largest = max((r for r in mine if r["budget"].startswith("f")), key=lambda r: float(r["budget"][1:]), default=None)
+    if largest is not None:
+        top = max(at(largest["budget"]), key=lambda r: r["test_auroc_mean"])
+        ref = MEDMNIST_V2_RESNET18_28
+        add(
+            "MedMNIST v2 ResNet-18 (28): test AUC 0.944, ACC 0.854 (trained on 100 %)",
+            f"best at {top['budget_label']}: {_fmt(top)}, accuracy {top['test_accuracy_mean']:.3f}",
+            "at or above" if top["test_auroc_mean"] >= ref["auroc"] else "below",
+        )
+    return lines
+
+
+def render_claims(folder: str | Path) -> str:
+    """A Markdown table: each claim of issue 12, the comparison on the published summary, and the verdict.
+
+    Comparisons use the seed means of test AUROC from ``summary.json``; "best" means the best seed mean among the
+    methods of a budget (a report of the results, never a selection: every model was chosen on validation).
+    """
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    rows = summary["rows"]
+    lines = ["| backbone | claim | comparison (test AUROC, mean ± std over seeds) | our data |", "|---|---|---|---|"]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        lines += _backbone_claims(backbone, [r for r in rows if r["backbone"] == backbone])
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: str | Path, root: str | Path = ".", *, check: bool = False) -> list[str]:
+    """Rewrite (or, with ``check``, compare) every results block of ``doc``; returns the blocks that differed."""
+    doc, root = Path(doc), Path(root)
+    text = doc.read_text()
+    stale: list[str] = []
+
+    def repl(m: re.Match) -> str:
+        render = render_block if m.group("kind") == "results" else render_claims
+        body = render(root / m.group("path"))
+        if body != m.group("body"):
+            stale.append(m.group("path"))
+        return m.group(1) + body + f"<!-- /study-{m.group('kind')} -->"
+
+    new = _BLOCK.sub(repl, text)
+    if not check and new != text:
+        fd, tmp = tempfile.mkstemp(dir=doc.parent, prefix=f".{doc.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(new)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, doc)
+    return stale
+
+
+def publish(results: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the report files of a results folder to ``dest`` (see :data:`PUBLISHED_FILES`)."""
+    results, dest = Path(results), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in PUBLISHED_FILES:
+        src = results / name
+        if src.is_file():
+            fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest / name)
+            out.append(dest / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the study results blocks of docs/study.md")
+    parser.add_argument("--doc", type=Path, default=Path("docs/study.md"))
+    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if a block is out of date")
+    parser.add_argument("--publish", nargs=2, metavar=("RESULTS", "DEST"), help="copy a results folder's report first")
+    args = parser.parse_args(argv)
+    if args.publish:
+        for p in publish(*args.publish):
+            print(f"published {p}")
+    stale = update_doc(args.doc, check=args.check)
+    if args.check:
+        if stale:
+            print(f"{args.doc} is out of date for {stale}: run python -m monai_peft.study.docs", file=sys.stderr)
+            return 1
+        print(f"{args.doc} is up to date")
+        return 0
+    print(f"{args.doc}: {'rewrote ' + ', '.join(stale) if stale else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""docs/study.md quotes the committed study results exactly (python -m monai_peft.study.docs --check)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from monai_peft.study.docs import render_block, update_doc
+from monai_peft.study.report import expected_cells
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "study.md"
+PUBLISHED = ROOT / "docs" / "study" / "pneumoniamnist_cpu_reduced"
+
+
+def test_docs_study_md_matches_the_committed_results():
+    assert "<!-- study-results: docs/study/pneumoniamnist_cpu_reduced -->" in DOC.read_text()
+    assert update_doc(DOC, ROOT, check=True) == []
+
+
+def test_a_changed_figure_is_detected_and_rewritten(tmp_path):
+    (tmp_path / "docs" / "study").mkdir(parents=True)
+    shutil.copytree(PUBLISHED, tmp_path / "docs" / "study" / PUBLISHED.name)
+    body = render_block(PUBLISHED)
+    doc = tmp_path / "docs" / "study.md"
+    figure = next(tok for tok in body.split() if tok.startswith("0.") and len(tok) == 5)
+    tampered = body.replace(figure, "0.999", 1)
+    doc.write_text(f"intro\n<!-- study-results: docs/study/{PUBLISHED.name} -->\n{tampered}<!-- /study-results -->\n")
+    assert update_doc(doc, tmp_path, check=True) == [f"docs/study/{PUBLISHED.name}"]
+    assert update_doc(doc, tmp_path) == [f"docs/study/{PUBLISHED.name}"]
+    assert update_doc(doc, tmp_path, check=True) == [] and body in doc.read_text()
+
+
+def test_published_summary_counts_the_restricted_grid():
+    import json
+
+    head = json.loads((PUBLISHED / "study.json").read_text())
+    summary = json.loads((PUBLISHED / "summary.json").read_text())
+    assert summary["expected_cells"] == expected_cells(head["study"]) == summary["finished_cells"]
+    assert {r["n_seeds"] for r in summary["rows"]} == {len(head["study"]["seeds"])}
+
+
+def test_render_refuses_mismatched_files(tmp_path):
+    import json
+
+    shutil.copytree(PUBLISHED, tmp_path / "p")
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    summary["config_hash"] = "0123456789abcdef"
+    (tmp_path / "p" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(Exception, match="different studies"):
+        render_block(tmp_path / "p")
