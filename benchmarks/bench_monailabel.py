@@ -80,8 +80,7 @@ def _memory_child(mode: str, folders: list[str]) -> dict:
 
     torch.set_num_threads(1)
     rt = BundleRuntime.from_bundle(BUNDLE)
-    warm = rt.build_base()  # imports, allocator warm-up
-    del warm
+    warm = rt.build_base()  # imports, allocator warm-up; kept alive so that what follows is fresh memory
     gc.collect()
     before = _rss_mb()
     if mode == "shared":
@@ -93,6 +92,7 @@ def _memory_child(mode: str, folders: list[str]) -> dict:
         keep = [mp.PeftModel.from_pretrained(rt.build_base(), f).merge_and_unload() for f in folders]
         tensors = sum(t.numel() * t.element_size() for m in keep for t in m.state_dict().values())
     gc.collect()
+    assert warm is not None
     return {"rss_mb": round(_rss_mb() - before, 1), "tensor_mb": round(tensors / 2**20, 2)}
 
 
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", default=None, help="python of the MONAI Label environment (adds the HTTP figures)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--memory_only", action="store_true", help="only the memory figures (no inference)")
     args = p.parse_args(argv)
     case = DATA / "brats" / "brats_2013_pat0006_1"
     if not case.is_dir():
@@ -251,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         image = write_two_channel(case, tmp / "pat0006.nii")
         folders = make_adapters(tmp / "adapters", max(NS))
         for n in NS:
-            row = {"memory": measure_memory(folders[:n]), "latency": measure_latency(folders[:n], image, args.repeats)}
+            row = {"memory": measure_memory(folders[:n])}
+            if args.memory_only:
+                m = row["memory"]
+                print(f"N={n}: {json.dumps(m)}", flush=True)
+                results["by_n"][str(n)] = row
+                continue
+            row["latency"] = measure_latency(folders[:n], image, args.repeats)
             results["by_n"][str(n)] = row
             m, lat = row["memory"], row["latency"]
             print(
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{lat['request_4_clients_median_s']} s with 4 clients ({lat['throughput_4_clients_req_per_s']} req/s)",
                 flush=True,
             )
-        if args.server:
+        if args.server and not args.memory_only:
             (tmp / "srv").mkdir()
             results["server"] = measure_server(args.server, folders, image, tmp / "srv", args.repeats)
             print("server:", json.dumps(results["server"]), flush=True)

@@ -9,6 +9,7 @@ that must run on every rank (:func:`main_process_handlers`). Only rank 0 writes 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -107,6 +108,15 @@ def distributed_sampler(dataset: Any, shuffle: bool = True, even_divisible: bool
         return None
     from monai.data import DistributedSampler
 
+    world = dist.get_world_size()
+    if not even_divisible and len(dataset) < world:
+        # MONAI's sampler cannot give a rank zero items: repeat items instead (with one item, every rank scores the
+        # same case and the mean is unchanged; otherwise the repeated items weigh a little more in the mean).
+        warnings.warn(
+            f"{len(dataset)} item(s) for {world} processes: every rank gets a repeated item (even_divisible=True)",
+            stacklevel=2,
+        )
+        even_divisible = True
     return DistributedSampler(dataset, even_divisible=even_divisible, shuffle=shuffle, seed=seed)
 
 

@@ -132,7 +132,11 @@ class PeftTrainTask(TrainTask):
         return {"max_epochs": 1, "learning_rate": self.runtime.learning_rate or 1e-3}
 
     def stats(self) -> dict[str, Any]:
-        cur = self.store.current(self.name) if self.store.pointer(self.name).is_file() else None
+        """The published version of the adapter (``/info``'s ``train_stats``); never raises."""
+        try:
+            cur = self.store.current(self.name)
+        except Exception as exc:  # a broken pointer must not break /info
+            return {"adapter_version": None, "error": str(exc)}
         return {"adapter_version": cur[0] if cur else 0, "adapter_folder": str(cur[1] if cur else self.configured)}
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:

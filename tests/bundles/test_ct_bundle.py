@@ -309,12 +309,17 @@ def test_nan_volume_is_refused_naming_the_file(tmp_path):
     _expect_refusal(tmp_path, tmp_path / "in", "nan_ct.nii.gz")
 
 
-def test_2d_image_is_refused(tmp_path):
+def test_2d_image_and_single_slice_are_refused(tmp_path):
     import nibabel as nib
 
     (tmp_path / "in").mkdir()
     nib.Nifti1Image(np.zeros((64, 48), np.float32), np.eye(4)).to_filename(tmp_path / "in" / "flat.nii.gz")
-    _expect_refusal(tmp_path, tmp_path / "in", "3D CT bundle")
+    _expect_refusal(tmp_path, tmp_path / "in", "flat.nii.gz")
+    _expect_refusal(tmp_path, tmp_path / "in", "3D volume")
+    (tmp_path / "in" / "flat.nii.gz").unlink()
+    nib.Nifti1Image(np.zeros((64, 48, 2), np.float32), np.eye(4)).to_filename(tmp_path / "in" / "thin.nii.gz")
+    _expect_refusal(tmp_path, tmp_path / "in", "this 3D CT bundle needs a volume of at least 4 voxels")
+    _expect_refusal(tmp_path, tmp_path / "in", "thin.nii.gz")
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):

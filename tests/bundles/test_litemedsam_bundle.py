@@ -226,6 +226,29 @@ def test_frozen_encoder_inferer_equals_the_plain_forward_caches_and_trains_the_d
     assert len(calls) == 2  # second call: cached embedding, encoder not run
 
 
+def test_disk_cache_is_shared_between_inferers_and_keyed_by_the_encoder_weights(tmp_path, base_net):
+    x = lb.preprocessing("inference")(
+        {"image": np.random.RandomState(1).rand(1, 70, 50).astype(np.float32), "box": [5, 5, 40, 60]}
+    )["image"][None]
+    with torch.no_grad():
+        first = lb.FrozenEncoderInferer(cache_dir=tmp_path)(x, base_net)
+        assert len(list(tmp_path.glob("*.safetensors"))) == 1
+        calls = []
+        hook = base_net.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+        again = lb.FrozenEncoderInferer(cache_dir=tmp_path)(x, base_net)  # a new process would do the same
+        assert calls == [] and torch.equal(again, first)
+        neck = base_net.image_encoder.neck[0].weight
+        saved = neck.clone()
+        try:
+            neck.mul_(1.5)  # other encoder weights: the cached embedding must not be reused
+            changed = lb.FrozenEncoderInferer(cache_dir=tmp_path)(x, base_net)
+        finally:
+            neck.copy_(saved)
+            hook.remove()
+    assert calls == [1] and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.allclose(changed, first)
+
+
 def test_train_config_trains_and_writes_an_adapter_that_loads(tmp_path):
     require_shared("brats/brats_2013_pat0005_1/OTMultiClass.nii.gz")
     from monai.bundle import run
@@ -239,12 +262,14 @@ def test_train_config_trains_and_writes_an_adapter_that_loads(tmp_path):
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
         bundle_root=str(BUNDLE),
         output_dir=str(out),
+        embedding_cache_dir=str(tmp_path / "cache"),
         epochs=1,
         train_step=60,
         val_step=90,
         batch_size=2,
     )
     assert (out / "best" / "adapter_model.safetensors").is_file() and (out / "last").is_dir()
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= 2  # one embedding per distinct slice
     loaded = mp.PeftModel.from_pretrained(lb.load_base_network(), str(out / "best"), is_trainable=False)
     assert any("mask_decoder" in n for n, _ in loaded.adapter_layers())
 
@@ -312,7 +337,7 @@ def test_bad_case_in_a_folder_writes_no_output_at_all(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "a_seg.nii.gz").write_bytes(b"earlier output")
-    with pytest.raises(Exception, match="outside the image"):
+    with pytest.raises(Exception) as info:
         run(
             config_file=str(BUNDLE / "configs" / "inference.json"),
             meta_file=str(BUNDLE / "configs" / "metadata.json"),
@@ -321,6 +346,11 @@ def test_bad_case_in_a_folder_writes_no_output_at_all(tmp_path):
             output_dir=str(out),
             device="cpu",
         )
+    causes, exc = [], info.value
+    while exc is not None:
+        causes.append(exc)
+        exc = exc.__cause__
+    assert any(isinstance(c, InputDataError) and "outside the image" in str(c) and "b.png" in str(c) for c in causes)
     assert [p.name for p in out.iterdir()] == ["a_seg.nii.gz"] and (
         out / "a_seg.nii.gz"
     ).read_bytes() == b"earlier output"

@@ -42,7 +42,7 @@ def monailabel_python() -> Path:
             break
     else:
         msg = f"no MONAI Label environment ({', '.join(str(c) for c in candidates)} absent); {BUILD_HINT}"
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         pytest.fail(f"CI must run the MONAI Label tests: {msg}")
     pytest.skip(msg)
 

@@ -59,6 +59,7 @@ __all__ = [
     "SaveMask2Dd",
     "box_datalist",
     "boxes_from_channel",
+    "flag",
     "brats_slices",
     "load_base_network",
     "read_box_file",
@@ -83,6 +84,17 @@ LORA_TARGETS = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj|lin
 # ---------------------------------------------------------------------------------------------------------------
 # network
 # ---------------------------------------------------------------------------------------------------------------
+def flag(value: Any) -> bool:
+    """A config switch given on the command line: ``True/False``, ``true/false``, ``1/0``, ``yes/no``."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.strip().lower() in ("false", "0", "no", "off", "none", ""):
+            return False
+        raise ConfigError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
 def boxes_from_channel(channel: torch.Tensor) -> torch.Tensor:
     """Boxes drawn as masks ``(B, H, W)`` (1 inside, 0 outside) -> ``(B, 4)`` float ``[x_min, y_min, x_max, y_max]``.
 
@@ -158,8 +170,8 @@ class FrozenEncoderInferer:
     ``evaluate.json``), only run the prompt encoder and the mask decoder. The network itself is still called
     (through DDP when wrapped), so gradients reach the adapter as usual.
 
-    Valid only while the encoder is frozen: if any encoder parameter requires gradients (an encoder adapter), the
-    network runs as usual (no cache).
+    When gradients are enabled and an encoder parameter requires them (an encoder adapter being trained), the
+    network runs as usual (no cache); otherwise the cache is always valid, since its key includes the weights.
 
     Args:
         cache: keep the embeddings in memory (4 MB per image, float32).
@@ -225,8 +237,8 @@ class FrozenEncoderInferer:
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         encoder = self._encoder(network)
-        if any(p.requires_grad for p in encoder.parameters()):
-            return network(inputs, *args, **kwargs)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
+            return network(inputs, *args, **kwargs)  # the encoder is being trained: it must run with gradients
         weights = self._weights_digest(encoder) if self.cache else ""
         embeddings = []
         was_training = encoder.training
@@ -561,12 +573,12 @@ def _write_mask(mask: np.ndarray, source: str, target: Path) -> None:
         header.set_slope_inter(1.0, 0.0)
         data = mask.astype(np.uint8).reshape(shape)
         out = nib.Nifti1Image(data, ref.affine, header)
-        qform, qcode = ref.get_qform(coded=True), int(ref.header["qform_code"])
-        sform, scode = ref.get_sform(coded=True), int(ref.header["sform_code"])
+        qform, qcode = ref.get_qform(coded=True)
+        sform, scode = ref.get_sform(coded=True)
         if qform is not None:
-            out.set_qform(qform, code=qcode)
+            out.set_qform(qform, code=int(qcode))
         if sform is not None:
-            out.set_sform(sform, code=scode)
+            out.set_sform(sform, code=int(scode))
         atomic_write(target, lambda tmp: out.to_filename(str(tmp)))
     else:
         from PIL import Image
@@ -849,4 +861,7 @@ def param_report(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
     f = Path(adapter_dir) / "adapter_model.safetensors"
     tensors, _ = load_safetensors(f)
-    return {"adapter_params": int(sum(t.numel() for t in tensors.values())), "adapter_mb": round(f.stat().st_size / 1e6, 3)}
+    return {
+        "adapter_params": int(sum(t.numel() for t in tensors.values())),
+        "adapter_mb": round(f.stat().st_size / 1e6, 3),
+    }

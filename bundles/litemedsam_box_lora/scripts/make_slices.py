@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
 
     def pick(axis: int, n: int) -> list[int]:
+        """``n`` distinct slices with large tumour sections, 7 apart in the order of decreasing area."""
         areas = lab.sum(axis=tuple(a for a in range(3) if a != axis))
-        order = np.argsort(-areas)
-        return sorted(int(k) for k in order[: max(n, 1) * 7 : 7][:n])  # large, spread-out tumour sections
+        return [int(k) for k in np.argsort(-areas, kind="stable")[::7][:n]]
 
+    axial = pick(2, args.count + 1)
+    plan = [(2, k, "axial", "nii") for k in sorted(axial[: args.count])]
+    plan += [(1, pick(1, 1)[0], "coronal", "nii"), (2, axial[-1], "axial", "png")]
     entries = []
-    plan = [(2, k, "axial", "nii") for k in pick(2, args.count)]
-    plan += [(1, pick(1, 1)[0], "coronal", "nii"), (2, pick(2, args.count + 1)[-1], "axial", "png")]
     for axis, k, plane, fmt in plan:
         image, mask = np.take(vol, k, axis=axis), np.take(lab, k, axis=axis)
         h, w = mask.shape
