@@ -39,7 +39,12 @@ NS = (1, 2, 4, 8)
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
+    return _pid_rss_mb("self")
+
+
+def _pid_rss_mb(pid: int | str) -> float:
+    """Resident memory of a process (MB), from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -212,9 +217,7 @@ def measure_server(python: str, folders: list[Path], image: Path, work: Path, re
             t = time.perf_counter()
             lat = list(pool.map(call, [names[i % len(names)] for i in range(4 * repeats)]))
             wall = time.perf_counter() - t
-        import psutil
-
-        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        rss = _pid_rss_mb(proc.pid)
         return {
             "adapters": len(folders),
             "http_infer_sequential_s": round(statistics.median(seq), 3),
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--memory_only", action="store_true", help="only the memory figures (no inference)")
+    p.add_argument("--server_only", action="store_true", help="only the HTTP figures of --server")
     args = p.parse_args(argv)
     case = DATA / "brats" / "brats_2013_pat0006_1"
     if not case.is_dir():
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         image = write_two_channel(case, tmp / "pat0006.nii")
         folders = make_adapters(tmp / "adapters", max(NS))
-        for n in NS:
+        for n in () if args.server_only else NS:
             row = {"memory": measure_memory(folders[:n])}
             if args.memory_only:
                 m = row["memory"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,32 @@ def test_base_network_equals_the_packages_own_litemedsam_inference(base_net, tmp
         d["image"][:3], _image_tensor(img, 256), atol=1e-6
     )
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_traced_network_follows_a_new_box_and_image(base_net):
+    """The TorchScript of ckpt_export is traced on one input: it must not bake that input's box in."""
+
+    def example(box, seed):
+        x = torch.rand(1, 4, 256, 256, generator=torch.Generator().manual_seed(seed))
+        x[:, 3] = 0
+        x[:, 3, box[1] : box[3] + 1, box[0] : box[2] + 1] = 1
+        return x
+
+    a, b = example((10, 20, 200, 180), 0), example((60, 40, 120, 100), 1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's generic warnings about Python values
+        traced = torch.jit.trace(base_net.eval(), a)
+    with torch.no_grad():
+        want_b = base_net(b)
+        torch.testing.assert_close(traced(b), want_b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(want_b, base_net(a), atol=1e-3)
+
+
+def test_flag_reads_command_line_switches():
+    assert lb.flag("false") is False and lb.flag("False") is False and lb.flag(False) is False and lb.flag("0") is False
+    assert lb.flag("true") is True and lb.flag(True) is True
+    with pytest.raises(ValueError, match="true or false"):
+        lb.flag("maybe")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -162,3 +162,25 @@ def test_tinyvit_classifier_preset():
     lora = build_peft_model(copy.deepcopy(net), head, MethodSpec("lora", kwargs={"r": 2, "alpha": 4}))
     names = [n for n, m in lora.named_modules() if n.endswith("attn.qkv") and type(m).__name__.startswith("Lora")]
     assert names and all(n.split("encoder.backbone.layers.")[1][0] in "123" for n in names)
+
+
+def test_packaged_full_study_is_the_issue_12_grid():
+    from monai_peft.study import load_study
+
+    study = load_study("pneumoniamnist_full")
+    assert [b.key for b in study.backbones] == ["tinyvit", "mae_vit", "efficientnet_lite0"]
+    assert study.budgets.fractions == (0.01, 0.1, 1.0) and study.budgets.k_shots == (1, 5, 10)
+    assert set(study.budgets.k_shot_methods) == {"ept", "vpt", "lora", "linear_probe"} and len(study.seeds) == 3
+    names = {m.name for m in study.methods}
+    assert names == {"full_finetune", "linear_probe", "bitfit", "norm_tuning", "lora", "adapter", "adaptformer"} | {
+        "dka",
+        "vpt",
+        "ept",
+        "ssf",
+        "fact",
+        "convpass",
+    }
+    # the counts quoted in docs/study.md
+    assert (len(expand_tuning(study)), len(expand_grid(study))) == (114, 342)
+    mae = study.backbones[1]
+    assert (study.input_size(mae), mae.mean, mae.std) == (28, 0.0, 1.0)

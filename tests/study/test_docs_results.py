@@ -51,3 +51,20 @@ def test_render_refuses_mismatched_files(tmp_path):
     (tmp_path / "p" / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(Exception, match="different studies"):
         render_block(tmp_path / "p")
+
+
+def test_claims_are_checked_against_the_summary(tmp_path):
+    import json
+
+    from monai_peft.study.docs import render_claims
+
+    text = render_claims(PUBLISHED)
+    assert text.count("| mae_vit |") == 6 and "not tested (no 100 % budget in this grid)" in text
+    # make EPT clearly better than VPT at 5-shot: the verdict follows the numbers
+    shutil.copytree(PUBLISHED, tmp_path / "p")
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    for row in summary["rows"]:
+        if row["budget"] == "k5" and row["method_name"] in ("ept", "vpt"):
+            row["test_auroc_mean"], row["test_auroc_std"] = (0.9, 0.01) if row["method_name"] == "ept" else (0.6, 0.01)
+    (tmp_path / "p" / "summary.json").write_text(json.dumps(summary))
+    assert "5-shot: supported" in render_claims(tmp_path / "p")
