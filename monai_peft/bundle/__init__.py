@@ -38,10 +38,12 @@ from monai_peft.bundle.distributed import (
     unwrap_ddp,
 )
 from monai_peft.bundle.export import bundle_parser, export_merged_model, merged_network, network_input_shape
+from monai_peft.bundle.flags import flag
 from monai_peft.bundle.handlers import PredictionCSVWriter, ProgressBarHandler
 from monai_peft.bundle.samples import export_medmnist_images
 
 __all__ = [
+    "flag",
     "CHECKPOINT_INFO",
     "DEFAULT_EXTENSIONS",
     "TRAINER_STATE",

@@ -138,13 +138,6 @@ def test_traced_network_follows_a_new_box_and_image(base_net):
         assert not torch.allclose(want_b, base_net(a), atol=1e-3)
 
 
-def test_flag_reads_command_line_switches():
-    assert lb.flag("false") is False and lb.flag("False") is False and lb.flag(False) is False and lb.flag("0") is False
-    assert lb.flag("true") is True and lb.flag(True) is True
-    with pytest.raises(ValueError, match="true or false"):
-        lb.flag("maybe")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # box file, datalist and bad input
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,8 +148,9 @@ def test_resume_after_a_kill_continues_from_the_saved_step(tmp_path, monkeypatch
 def test_max_steps_stops_and_resume_finishes(tmp_path):
     npz = real_npz(tmp_path, n=32)
     opts = {"image_size": (8, 8), "epochs": 1, "batch_size": 8}
-    part = pretrain_mae(_cfg(npz, tmp_path / "run", max_steps=2, **opts))
+    part = pretrain_mae(_cfg(npz, tmp_path / "run", max_steps=2, tensorboard=True, **opts))
     assert part == {"finished": False, "step": 2, "total_steps": 4, "out": str(tmp_path / "run")}
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))  # TensorBoard log
     with pytest.raises(ConfigError, match="has not finished"):
         load_mae_vit_with_report(tmp_path / "run")
     done = pretrain_mae(_cfg(npz, tmp_path / "run", **opts), resume=True)

@@ -68,3 +68,18 @@ def test_claims_are_checked_against_the_summary(tmp_path):
             row["test_auroc_mean"], row["test_auroc_std"] = (0.9, 0.01) if row["method_name"] == "ept" else (0.6, 0.01)
     (tmp_path / "p" / "summary.json").write_text(json.dumps(summary))
     assert "5-shot: supported" in render_claims(tmp_path / "p")
+
+
+def test_pretraining_figures_in_the_doc_come_from_its_json():
+    import json
+
+    meta = json.loads((ROOT / "docs" / "study" / "mae_pneumoniamnist" / "mae_vit.json").read_text())
+    history = json.loads((ROOT / "docs" / "study" / "mae_pneumoniamnist" / "history.json").read_text())
+    text = " ".join(DOC.read_text().split())
+    arch, pre = meta["architecture"], meta["pretraining"]
+    assert (
+        f"({arch['img_size'][0]} x {arch['img_size'][1]}, {meta['encoder_parameters']:,d} encoder parameters)" in text
+    )
+    assert f"{pre['epochs']} epochs of {history['steps_per_epoch']} steps" in text
+    assert f"final epoch loss {pre['epoch_loss'][-1]:.4f}" in text
+    assert pre["images"] == 4708 and pre["data"].endswith("pneumoniamnist_28.npz [train_images]")

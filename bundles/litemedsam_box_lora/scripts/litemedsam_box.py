@@ -59,7 +59,6 @@ __all__ = [
     "SaveMask2Dd",
     "box_datalist",
     "boxes_from_channel",
-    "flag",
     "brats_slices",
     "load_base_network",
     "read_box_file",
@@ -84,17 +83,6 @@ LORA_TARGETS = r"mask_decoder\.transformer\..*(q_proj|k_proj|v_proj|out_proj|lin
 # ---------------------------------------------------------------------------------------------------------------
 # network
 # ---------------------------------------------------------------------------------------------------------------
-def flag(value: Any) -> bool:
-    """A config switch given on the command line: ``True/False``, ``true/false``, ``1/0``, ``yes/no``."""
-    if isinstance(value, str):
-        if value.strip().lower() in ("true", "1", "yes", "on"):
-            return True
-        if value.strip().lower() in ("false", "0", "no", "off", "none", ""):
-            return False
-        raise ConfigError(f"expected true or false, got {value!r}")
-    return bool(value)
-
-
 def boxes_from_channel(channel: torch.Tensor) -> torch.Tensor:
     """Boxes drawn as masks ``(B, H, W)`` (1 inside, 0 outside) -> ``(B, 4)`` float ``[x_min, y_min, x_max, y_max]``.
 
