@@ -42,17 +42,12 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from monai_peft.errors import ConfigError, InputDataError, MonaiPeftError
-from monai_peft.monailabel._pydicom2 import install as _install_pydicom2
 from monai_peft.monailabel.serving import AdapterStore, BundleRuntime, MultiAdapterServer, parse_adapters
 from monai_peft.monailabel.train import train_adapter
 
 __all__ = ["PeftInferTask", "PeftLabelApp", "PeftTrainTask"]
 
 logger = logging.getLogger(__name__)
-
-# MONAI Label pins pydicom<3: bridge pydicom.pixels before a bundle's preprocessing imports monai_peft.transforms
-_install_pydicom2()
-
 
 def _http_error(status: int, detail: str) -> Exception:
     """A FastAPI ``HTTPException`` (what the endpoint turns into a JSON ``{"detail": ...}`` reply)."""

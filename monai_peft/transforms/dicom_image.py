@@ -36,11 +36,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from monai_peft.errors import DicomError
 from monai_peft.transforms.dicom_io import PathLike, decode_pixels, describe_source, read_dicom_file
 from monai_peft.transforms.geometry import LPS_TO_RAS
+from monai_peft.transforms.pydicom_compat import apply_modality_lut, apply_voi_lut
 
 __all__ = [
     "LoadDicomImage",

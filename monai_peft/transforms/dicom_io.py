@@ -248,7 +248,7 @@ def check_decoder(ds: Dataset, source: PathLike | Dataset | None = None) -> None
     uid = UID(str(tsyntax))
     if not uid.is_compressed:
         return
-    from pydicom.pixels import get_decoder
+    from monai_peft.transforms.pydicom_compat import get_decoder
 
     where = describe_source(source if source is not None else ds)
     packages = _capable_packages(ds, uid)
@@ -259,7 +259,7 @@ def check_decoder(ds: Dataset, source: PathLike | Dataset | None = None) -> None
             f"{where} uses transfer syntax {uid.name} ({uid}), which pydicom cannot decode at all. Convert it to "
             "an uncompressed transfer syntax (e.g. `dcmdjpeg` / `gdcmconv --raw`) before loading."
         ) from exc
-    if decoder.is_available:
+    if decoder is None or decoder.is_available:  # None: pydicom 2, which names a missing handler itself
         return
     hint = " or ".join(f"`pip install {p}`" for p in packages) or "a pydicom pixel-data plugin"
     missing = "; ".join(decoder.missing_dependencies)
@@ -320,12 +320,14 @@ def _raise_if_a_better_decoder_exists(ds: Dataset, where: str, exc: Exception) -
     tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if tsyntax is None or not UID(str(tsyntax)).is_compressed:
         return
-    from pydicom.pixels import get_decoder
+    from monai_peft.transforms.pydicom_compat import get_decoder
 
     uid = UID(str(tsyntax))
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
+        return
+    if decoder is None:  # pydicom 2: no decoder registry to consult
         return
     available = set(decoder.available_plugins)
     missing = [p for p in _capable_packages(ds, uid) if _PACKAGE_PLUGINS.get(p.split()[0]) not in available]

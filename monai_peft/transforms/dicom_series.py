@@ -30,7 +30,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
 
 from monai_peft.errors import DicomError
 from monai_peft.transforms.dicom_io import (
@@ -42,6 +41,7 @@ from monai_peft.transforms.dicom_io import (
     sop_uids,
 )
 from monai_peft.transforms.geometry import LPS_TO_RAS
+from monai_peft.transforms.pydicom_compat import apply_modality_lut
 
 __all__ = [
     "DicomSeries",
