@@ -42,6 +42,8 @@ sys.path.insert(0, str(BUNDLE / "scripts"))
 
 import brats_swinunetr as bs  # noqa: E402
 
+from monai_peft.checkpoint import file_sha256  # noqa: E402
+
 TRAIN = ("brats_2013_pat0003_1", "brats_2013_pat0004_1")
 VAL = ("brats_2013_pat0005_1",)
 TEST = ("brats_2013_pat0006_1",)
@@ -166,7 +168,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "lora": LORA if args.variant == "lora" else None,
         "peft_config": trained.peft_config["default"].to_dict() if hasattr(trained, "peft_config") else None,
-        "base_sha256": bs.file_sha256(base_file) if args.variant != "scratch" else None,
+        "base_sha256": file_sha256(base_file) if args.variant != "scratch" else None,
         "split": {"train": TRAIN, "val": VAL, "test": TEST},
         "test": test,
         "log": result["log"],

@@ -13,6 +13,7 @@ In a bundle config: ``"imports": ["$import monai_peft.bundle"]`` then ``"_target
 ``docs/bundles.md``.
 """
 
+from monai_peft.bundle.base_weights import read_base_weights, save_base_weights
 from monai_peft.bundle.checkpoint import (
     CHECKPOINT_INFO,
     TRAINER_STATE,
@@ -43,6 +44,8 @@ from monai_peft.bundle.handlers import PredictionCSVWriter, ProgressBarHandler
 from monai_peft.bundle.samples import export_medmnist_images
 
 __all__ = [
+    "read_base_weights",
+    "save_base_weights",
     "flag",
     "CHECKPOINT_INFO",
     "DEFAULT_EXTENSIONS",

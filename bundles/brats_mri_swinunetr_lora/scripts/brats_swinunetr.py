@@ -14,7 +14,6 @@ the network maps ``(B, 2, X, Y, Z)`` to logits ``(B, 5, X, Y, Z)`` with ``X, Y, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -28,6 +27,7 @@ from monai.data import MetaTensor
 from monai.networks.nets import SwinUNETR
 from monai.transforms import MapTransform
 
+from monai_peft.bundle.base_weights import read_base_weights, save_base_weights
 from monai_peft.errors import CheckpointError, InputDataError
 
 __all__ = [
@@ -215,23 +215,6 @@ def build_network(num_classes: int = 5, seed: int | None = 0) -> SwinUNETR:
         return SwinUNETR(out_channels=num_classes, **NETWORK_KWARGS)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_base_weights(network: torch.nn.Module, path: str | os.PathLike, info: Mapping[str, Any]) -> str:
-    """Write the base network's weights as float16 safetensors (atomic) and return the file's sha256."""
-    from monai_peft.checkpoint import save_safetensors
-
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in network.state_dict().items()}
-    save_safetensors(tensors, path, metadata={"info": json.dumps(dict(info), sort_keys=True)})
-    return file_sha256(path)
-
-
 def load_base_network(base_file: str | os.PathLike, num_classes: int = 5, sha256: str | None = None) -> SwinUNETR:
     """The bundle's network with the base weights of ``base_file`` (safetensors, float16 stored, float32 in memory).
 
@@ -249,20 +232,8 @@ def load_base_network(base_file: str | os.PathLike, num_classes: int = 5, sha256
     Raises:
         CheckpointError: missing file, wrong hash, or weights of another architecture.
     """
-    from monai_peft.checkpoint import load_safetensors
-
     p = Path(base_file)
-    if not p.is_file():
-        raise CheckpointError(
-            f"base weights '{p}' not found. Rebuild them with `python {Path(__file__).parent / 'train_base.py'}` "
-            "(see docs/README.md, 'Base weights'), or pass --base_file."
-        )
-    if sha256 and file_sha256(p) != sha256:
-        raise CheckpointError(
-            f"base weights '{p}' have sha256 {file_sha256(p)}, not the {sha256} the shipped adapter was trained on. "
-            "Use the shipped file or retrain the adapter on yours (and override --base_sha256)."
-        )
-    tensors, _ = load_safetensors(p)
+    tensors = read_base_weights(p, sha256, rebuild=f"python {Path(__file__).parent / 'train_base.py'}")
     net = build_network(num_classes, seed=0)
     state = net.state_dict()
     extra = sorted(set(tensors) - set(state))

@@ -16,8 +16,6 @@ the network maps ``(B, 1, X, Y, Z)`` to logits ``(B, 7, X, Y, Z)`` with ``X, Y``
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
@@ -32,6 +30,7 @@ from monai.data import MetaTensor
 from monai.networks.nets import DynUNet
 from monai.transforms import MapTransform
 
+from monai_peft.bundle.base_weights import read_base_weights, save_base_weights
 from monai_peft.errors import CheckpointError, InputDataError
 
 __all__ = [
@@ -373,24 +372,6 @@ def build_network(num_classes: int = 7, seed: int | None = 0) -> DynUNet:
         return DynUNet(out_channels=num_classes, **NETWORK_KWARGS)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_base_weights(network: torch.nn.Module, path: str | os.PathLike, info: Mapping[str, Any]) -> str:
-    """Write ``network``'s weights as float16 safetensors (atomically) and return the file's sha256."""
-    from monai_peft.checkpoint import save_safetensors
-
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in network.state_dict().items()}
-    save_safetensors(tensors, path, metadata={"info": json.dumps(dict(info), sort_keys=True)})
-    return file_sha256(path)
-
-
 def load_base_network(base_file: str | os.PathLike, num_classes: int = 7, sha256: str | None = None) -> DynUNet:
     """The bundle's DynUNet with the base weights of ``base_file`` (float16 on disk, float32 in memory).
 
@@ -402,21 +383,8 @@ def load_base_network(base_file: str | os.PathLike, num_classes: int = 7, sha256
     Raises:
         CheckpointError: missing file, another sha256, or weights of another architecture.
     """
-    from monai_peft.checkpoint import load_safetensors
-
     p = Path(base_file)
-    if not p.is_file():
-        raise CheckpointError(
-            f"base weights '{p}' not found. Rebuild them with `python {Path(__file__).parent / 'train_base.py'}` "
-            "(see docs/README.md, 'Base weights'), or pass --base_file."
-        )
-    digest = file_sha256(p)
-    if sha256 and digest != sha256:
-        raise CheckpointError(
-            f"base weights '{p}' have sha256 {digest}, not the {sha256} the shipped adapter was trained on. "
-            "Use the shipped file, or retrain the adapter on yours and override --base_sha256."
-        )
-    tensors, _ = load_safetensors(p)
+    tensors = read_base_weights(p, sha256, rebuild=f"python {Path(__file__).parent / 'train_base.py'}")
     net = build_network(num_classes, seed=0)
     state = net.state_dict()
     missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
