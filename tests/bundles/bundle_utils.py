@@ -146,3 +146,29 @@ def permission_bits_enforced() -> bool:
             return True
         finally:
             os.chmod(d, 0o755)
+
+
+def run_bundle(bundle: Path, configs: str | list[str] = "inference.json", **overrides: Any) -> Any:
+    """``monai.bundle.run`` in-process on ``bundle``'s configs (one name or a list layered in order)."""
+    from monai.bundle import run
+
+    files = [configs] if isinstance(configs, str) else list(configs)
+    paths = [str(bundle / "configs" / c) for c in files]
+    return run(
+        config_file=paths if len(paths) > 1 else paths[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        bundle_root=str(bundle),
+        **overrides,
+    )
+
+
+def inference_cli(bundle: Path, dataset_dir: Path, output_dir: Path, timeout: float = 900) -> str:
+    """``python -m monai.bundle run --config_file configs/inference.json`` alone, as a user runs it; its output."""
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+        "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--device", "cpu",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=bundle, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from monai_peft.errors import MonaiPeftError
-from tests.bundles.bundle_utils import BUNDLES, permission_bits_enforced
+from tests.bundles.bundle_utils import BUNDLES, permission_bits_enforced, run_bundle
 from tests.conftest import require_shared
 from tests.transforms.dicom_factory import make_series
 
@@ -40,16 +40,7 @@ IS_ROOT = not permission_bits_enforced()  # "root" here: permission bits do not 
 
 
 def _run(bundle: Path, **overrides) -> None:
-    from monai.bundle import run
-
-    run(
-        config_file=str(bundle / "configs" / "inference.json"),
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        bundle_root=str(bundle),
-        device="cpu",
-        **overrides,
-    )
+    run_bundle(bundle, "inference.json", device="cpu", **overrides)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

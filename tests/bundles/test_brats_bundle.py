@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.bundles.bundle_utils import inference_cli, run_bundle
 from tests.conftest import REPO_ROOT, require_shared
 
 BUNDLE = REPO_ROOT / "bundles" / "brats_mri_swinunetr_lora"
@@ -39,15 +40,7 @@ def _case(tmp_path: Path, name: str = "pat0006") -> Path:
 
 
 def _run(config: str = "inference.json", **overrides):
-    from monai.bundle import run
-
-    return run(
-        config_file=str(BUNDLE / "configs" / config),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
+    return run_bundle(BUNDLE, config, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +49,7 @@ def cli_prediction(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("brats_cli")
     data = _case(tmp)
     out = tmp / "out"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-        "--dataset_dir", str(data), "--output_dir", str(out), "--device", "cpu",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    return out, inference_cli(BUNDLE, data, out)
 
 
 def test_cli_inference_writes_the_case_on_its_original_grid(cli_prediction):

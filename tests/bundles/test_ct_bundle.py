@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.bundle_utils import cli_env
+from tests.bundles.bundle_utils import cli_env, inference_cli, run_bundle
 from tests.conftest import REPO_ROOT, require_shared
 
 BUNDLE = REPO_ROOT / "bundles" / "ct_totalseg_dynunet_lora"
@@ -46,17 +46,7 @@ def _dataset_with(tmp_path: Path, case: str = "patient01") -> Path:
 
 
 def _run(configs: str | list[str] = "inference.json", **overrides):
-    from monai.bundle import run
-
-    files = [configs] if isinstance(configs, str) else configs
-    paths = [str(BUNDLE / "configs" / c) for c in files]
-    return run(
-        config_file=paths if len(paths) > 1 else paths[0],
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
+    return run_bundle(BUNDLE, configs, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +55,7 @@ def cli_prediction(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ct_cli")
     data = _dataset_with(tmp)
     out = tmp / "out"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-        "--dataset_dir", str(data), "--output_dir", str(out), "--device", "cpu",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE, env=cli_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    return out, inference_cli(BUNDLE, data, out)
 
 
 def test_cli_writes_nifti_and_seg_named_after_the_case(cli_prediction):
