@@ -501,6 +501,18 @@ def _ensure_builtin_presets() -> None:
     builtin.append(
         NetworkPreset("monai_peft.LiteMedSAM", (qualified_type("LiteMedSAMType", f"{lite}.LiteMedSAM"),), sam)
     )
+    # monai_peft.networks' ViT backbones (the ViT-B/16 checkpoints, MRM, mae_vit): a MONAI ViT under ``vit.``
+    vit_backbone = _vit_roles("vit.")
+    vit_backbone["norm"] = TargetSpec(modules=r"vit\.blocks\.\d+\.norm[12]|vit\.norm|fc_norm", types=["LayerNorm"])
+    vit_backbone["head"] = TargetSpec(modules=["head"])
+    builtin.append(
+        NetworkPreset(
+            "monai_peft.MonaiViTBackbone",
+            (qualified_type("MonaiViTBackboneType", "monai_peft.networks.vit.MonaiViTBackbone"),),
+            vit_backbone,
+            {"pos_embed": ["vit.patch_embedding.position_embeddings"]},
+        )
+    )
     # built-ins go first: presets registered by users (or earlier, by name) take precedence
     names = {p.name for p in _PRESETS}
     _PRESETS = [p for p in builtin if p.name not in names] + _PRESETS

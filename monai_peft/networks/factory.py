@@ -166,6 +166,14 @@ def _efficientnet_loader(source: SourceLike | None, **kwargs: Any) -> tuple[nn.M
 
 _VIT_B16 = {"embed_dim": 768, "depth": 12, "patch_size": 16}
 
+
+def _mae_vit_loader(source: Any, **kwargs: Any) -> tuple[nn.Module, LoadReport]:
+    """``monai-peft pretrain``'s output folder -> ViT backbone (imported lazily: the pretrain module is optional)."""
+    from monai_peft.pretrain.backbone import load_mae_vit_with_report
+
+    return load_mae_vit_with_report(source, **kwargs)
+
+
 _BUILTINS = (
     BackboneInfo(
         name="vit_b16_in21k",
@@ -268,5 +276,18 @@ _BUILTINS = (
     ),
 )
 
+_BUILTINS += (
+    BackboneInfo(
+        name="mae_vit",
+        description="ViT encoder pretrained with `monai-peft pretrain` (MONAI MaskedAutoEncoderViT), 2D or 3D",
+        weights=(
+            "Your own: the --out folder of `monai-peft pretrain` (encoder.safetensors + mae_vit.json), "
+            "self-supervised on your unlabelled images."
+        ),
+        loader=_mae_vit_loader,
+        suggested_sources=("the --out folder of `monai-peft pretrain DATA --out FOLDER`",),
+        preprocessing="images scaled to [0, 1] as in pretraining (npz: x / 255; NIfTI: 0.5-99.5 percentile)",
+    ),
+)
 for _info in _BUILTINS:
     register_backbone(_info)

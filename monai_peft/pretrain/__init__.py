@@ -15,12 +15,9 @@ from monai_peft.pretrain.backbone import (
     load_mae_vit,
     load_mae_vit_with_report,
     read_mae_vit_meta,
-    register_mae_vit_backbone,
 )
 from monai_peft.pretrain.data import UnlabelledImages, load_unlabelled
 from monai_peft.pretrain.mae import MAEPretrainConfig, PretrainFolderError, build_mae, mae_loss, patchify, pretrain_mae
-
-register_mae_vit_backbone()
 
 __all__ = [
     "MAEPretrainConfig",
@@ -34,5 +31,4 @@ __all__ = [
     "patchify",
     "pretrain_mae",
     "read_mae_vit_meta",
-    "register_mae_vit_backbone",
 ]

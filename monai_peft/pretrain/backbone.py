@@ -45,7 +45,6 @@ __all__ = [
     "load_mae_vit",
     "load_mae_vit_with_report",
     "read_mae_vit_meta",
-    "register_mae_vit_backbone",
 ]
 
 FORMAT = "monai_peft.mae_vit"
@@ -302,24 +301,3 @@ def load_mae_vit_with_report(
 def load_mae_vit(source: str | Path | None, **kwargs: Any) -> nn.Module:
     """:func:`load_mae_vit_with_report` without the report."""
     return load_mae_vit_with_report(source, **kwargs)[0]
-
-
-def register_mae_vit_backbone() -> None:
-    """Register ``mae_vit`` with :func:`monai_peft.networks.load_backbone` (idempotent)."""
-    from monai_peft.networks.factory import BackboneInfo, list_backbones, register_backbone
-
-    if "mae_vit" in list_backbones():
-        return
-    register_backbone(
-        BackboneInfo(
-            name="mae_vit",
-            description="ViT encoder pretrained with `monai-peft pretrain` (MONAI MaskedAutoEncoderViT), 2D or 3D",
-            weights=(
-                "Your own: the --out folder of `monai-peft pretrain` (encoder.safetensors + mae_vit.json), "
-                "self-supervised on your unlabelled images."
-            ),
-            loader=load_mae_vit_with_report,
-            suggested_sources=("the --out folder of `monai-peft pretrain DATA --out FOLDER`",),
-            preprocessing="images scaled to [0, 1] as in pretraining (npz: x / 255; NIfTI: 0.5-99.5 percentile)",
-        )
-    )

@@ -1,5 +1,6 @@
-"""Targeting presets for the study's classifiers: :class:`~monai_peft.networks.vit.MonaiViTBackbone` (the ViT-B/16
-checkpoints and ``mae_vit``) and :class:`TinyViTClassifier` (LiteMedSAM's TinyViT with a pooled linear head).
+"""Targeting preset for the study's :class:`TinyViTClassifier` (LiteMedSAM's TinyViT with a pooled linear head); the
+ViT backbones (``MonaiViTBackbone``: the ViT-B/16 checkpoints and ``mae_vit``) have a built-in preset in
+:mod:`monai_peft.targeting`.
 
 With them, ``target_modules=None`` finds the paper defaults on these networks (LoRA on q, v of every attention
 block, adapters after the attention / MLP sub-layers, norm tuning on the LayerNorms ...), so every method of issue
@@ -11,7 +12,7 @@ package registered first.
 from __future__ import annotations
 
 from monai_peft.networks.heads import ClassificationModel
-from monai_peft.targeting import NetworkPreset, TargetSpec, _tinyvit_roles, _vit_roles, list_presets, register_preset
+from monai_peft.targeting import NetworkPreset, TargetSpec, _tinyvit_roles, list_presets, register_preset
 
 __all__ = ["TinyViTClassifier", "register_study_presets"]
 
@@ -24,20 +25,6 @@ class TinyViTClassifier(ClassificationModel):
     """
 
 
-def _vit_backbone_preset() -> NetworkPreset:
-    from monai_peft.networks.vit import MonaiViTBackbone
-
-    roles = _vit_roles("vit.")
-    roles["norm"] = TargetSpec(modules=r"vit\.blocks\.\d+\.norm[12]|vit\.norm|fc_norm", types=["LayerNorm"])
-    roles["head"] = TargetSpec(modules=["head"])
-    return NetworkPreset(
-        "monai_peft.MonaiViTBackbone",
-        (MonaiViTBackbone,),
-        roles,
-        {"pos_embed": ["vit.patch_embedding.position_embeddings"]},
-    )
-
-
 def _tinyvit_classifier_preset() -> NetworkPreset:
     roles = _tinyvit_roles("encoder.backbone.")
     roles["head"] = TargetSpec(modules=["head"])
@@ -46,9 +33,9 @@ def _tinyvit_classifier_preset() -> NetworkPreset:
 
 
 def register_study_presets() -> None:
-    """Register both presets once (a preset already registered under the same name is kept)."""
+    """Register the preset once (a preset already registered under the same name is kept)."""
     have = set(list_presets())
-    for make in (_vit_backbone_preset, _tinyvit_classifier_preset):
+    for make in (_tinyvit_classifier_preset,):
         preset = make()
         if preset.name not in have:
             register_preset(preset)

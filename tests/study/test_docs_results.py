@@ -83,3 +83,16 @@ def test_pretraining_figures_in_the_doc_come_from_its_json():
     assert f"{pre['epochs']} epochs of {history['steps_per_epoch']} steps" in text
     assert f"final epoch loss {pre['epoch_loss'][-1]:.4f}" in text
     assert pre["images"] == 4708 and pre["data"].endswith("pneumoniamnist_28.npz [train_images]")
+
+
+def test_brats_3d_arm_table_in_study_md_is_the_generated_one():
+    """docs/study.md's 3D-arm table is exactly what benchmarks/brats_bundle_compare.py --table writes."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "study.md").read_text()
+    block = re.search(r"<!-- brats-compare-table:.*?-->\n(.*?)\n<!-- /brats-compare-table -->", text, flags=re.S)
+    assert block, "docs/study.md lost its generated 3D-arm table"
+    generated = (root / "benchmarks" / "results" / "brats_compare.md").read_text().strip()
+    assert block.group(1).strip() == generated, "regenerate: python benchmarks/brats_bundle_compare.py --table"
