@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +67,26 @@ def _build(name: str, num_classes: int, vit_state: Callable[[], dict]) -> tuple[
         # img_size=64 (position embedding resampled): 4x4 tokens keep the 12-block ViT-B/16 cheap on CPU
         net = load_backbone(name, state_dict=vit_state(), num_classes=num_classes, img_size=64)
         return net, lambda x: _images(x, 64, 3)
+    if name == "mae_vit":
+        net = load_backbone(name, mae_vit_folder(), num_classes=num_classes, img_size=32)
+        return net, lambda x: _images(x, 32, 1, mean=0.0, std=1.0)  # pretrained on [0, 1] images
     raise AssertionError(f"no head-init case for backbone {name!r}: add one (or list it in NO_CLASSIFIER)")
+
+
+_MAE_FOLDER: list = []
+
+
+def mae_vit_folder():
+    """A tiny `monai-peft pretrain` output (one epoch on real PneumoniaMNIST images), made once per session."""
+    if not _MAE_FOLDER:
+        import tempfile
+
+        from tests.pretrain.helpers import tiny_pretrained
+
+        _MAE_FOLDER.append(
+            tiny_pretrained(Path(tempfile.mkdtemp(prefix="mae_vit_head_")), image_size=(16, 16), epochs=1)
+        )
+    return _MAE_FOLDER[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +101,7 @@ def litemedsam_features(pneumonia) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_every_registered_backbone_has_a_case() -> None:
-    known = {"efficientnet_lite0", "vit_b16_in21k", "vit_b16_mae", "mrm", "cxr_mae", "litemedsam_encoder"}
+    known = {"efficientnet_lite0", "vit_b16_in21k", "vit_b16_mae", "mrm", "cxr_mae", "litemedsam_encoder", "mae_vit"}
     assert set(list_backbones()) <= known | set(NO_CLASSIFIER)
 
 
