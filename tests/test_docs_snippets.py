@@ -104,7 +104,9 @@ def test_not_run_markers_are_few_and_explained():
 def test_snippet_collector_sees_blocks_and_markers(tmp_path):
     """The collector finds fenced python blocks, their first line, and a marker on the line before."""
     md = tmp_path / "probe.md"
-    md.write_text("text\n\n```python\nx = 1\n```\n\n<!-- not-run: needs a checkpoint from the user -->\n```python\ny\n```\n")
+    md.write_text(
+        "text\n\n```python\nx = 1\n```\n\n<!-- not-run: needs a checkpoint from the user -->\n```python\ny\n```\n"
+    )
     run, skipped = python_blocks(md, root=tmp_path)
     assert [(b["line"], b["code"]) for b in run] == [(3, "x = 1\n")]
     assert [b["why"] for b in skipped] == ["needs a checkpoint from the user"]

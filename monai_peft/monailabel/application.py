@@ -49,6 +49,7 @@ __all__ = ["PeftInferTask", "PeftLabelApp", "PeftTrainTask"]
 
 logger = logging.getLogger(__name__)
 
+
 def _http_error(status: int, detail: str) -> Exception:
     """A FastAPI ``HTTPException`` (what the endpoint turns into a JSON ``{"detail": ...}`` reply)."""
     from fastapi import HTTPException

@@ -101,7 +101,9 @@ def build_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, project: str | os.Pa
         env=environ,
     )
     if not _imports_ok(python):
-        raise RuntimeError(f"{python} was built but cannot import MONAI Label and monai_peft: run `{python} -c '{_CHECK}'`.")
+        raise RuntimeError(
+            f"{python} was built but cannot import MONAI Label and monai_peft: run `{python} -c '{_CHECK}'`."
+        )
     print(f"MONAI Label environment at {env_dir} is ready ({python}).")
     return python
 
