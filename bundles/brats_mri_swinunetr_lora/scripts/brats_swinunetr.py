@@ -28,6 +28,7 @@ from monai.networks.nets import SwinUNETR
 from monai.transforms import MapTransform
 
 from monai_peft.bundle.base_weights import read_base_weights, save_base_weights
+from monai_peft.bundle.label_metrics import label_map_dice
 from monai_peft.errors import CheckpointError, InputDataError
 
 __all__ = [
@@ -343,12 +344,7 @@ def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> list[float]:
     """Dice of each foreground class ``1..num_classes-1`` between label maps ``(1, X, Y, Z)`` (NaN where both are empty)."""
-    out = []
-    for c in range(1, num_classes):
-        p, g = pred == c, label == c
-        denom = int(p.sum()) + int(g.sum())
-        out.append(float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom)
-    return out
+    return label_map_dice(pred, label, num_classes)
 
 
 def fit(

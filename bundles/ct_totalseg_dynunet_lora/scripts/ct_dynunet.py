@@ -31,6 +31,7 @@ from monai.networks.nets import DynUNet
 from monai.transforms import MapTransform
 
 from monai_peft.bundle.base_weights import read_base_weights, save_base_weights
+from monai_peft.bundle.label_metrics import label_map_dice
 from monai_peft.errors import CheckpointError, InputDataError
 
 __all__ = [
@@ -404,14 +405,8 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int = 7
 
     ``2 |P_c & G_c| / (|P_c| + |G_c|)`` for ``c = 1..num_classes-1``, keyed by class name.
     """
-    if tuple(pred.shape) != tuple(label.shape):
-        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
-    out = {}
-    for c in range(1, num_classes):
-        p, g = pred == c, label == c
-        denom = int(p.sum()) + int(g.sum())
-        out[CLASS_NAMES.get(c, str(c))] = float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom
-    return out
+    scores = label_map_dice(pred, label, num_classes)
+    return {CLASS_NAMES.get(c, str(c)): v for c, v in enumerate(scores, start=1)}
 
 
 def mean_dice(scores: Mapping[str, float]) -> float:
