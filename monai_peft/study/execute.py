@@ -58,6 +58,10 @@ def preflight(study: StudySpec) -> Preflight:
     from monai_peft.study.data import budget_indices, load_splits
     from monai_peft.study.models import check_backbone_methods
 
+    if study.task == "segmentation":
+        from monai_peft.study.segmentation import seg_preflight
+
+        return seg_preflight(study)
     data = load_splits(study.dataset, study.image_size)
     labels = data.train_labels()
     sizes: dict[str, dict[int, int]] = {}
@@ -88,6 +92,10 @@ def tune_task(study_dict: dict[str, Any], cell: tuple[str, str, str]) -> dict[st
     study = study_from_dict(study_dict)
     previous = _set_threads(study.training.num_threads)
     try:
+        if study.task == "segmentation":
+            from monai_peft.study.segmentation import tune_seg_task
+
+            return tune_seg_task(study, TuneCell(*cell))
         return tune_cell(study, TuneCell(*cell), load_splits(study.dataset, study.image_size))
     finally:
         _set_threads(previous)
@@ -101,6 +109,10 @@ def run_task(study_dict: dict[str, Any], cell: tuple[str, str, str, int], lr: fl
     study = study_from_dict(study_dict)
     previous = _set_threads(study.training.num_threads)
     try:
+        if study.task == "segmentation":
+            from monai_peft.study.segmentation import run_seg_task
+
+            return run_seg_task(study, RunCell(*cell), lr)
         return run_cell(study, RunCell(*cell), lr, load_splits(study.dataset, study.image_size))
     finally:
         _set_threads(previous)

@@ -270,6 +270,10 @@ def write_report(root: str | Path) -> dict[str, str]:
     root = Path(root)
     head, records = load_records(root)
     study = head["study"]
+    if study.get("task") == "segmentation":  # Dice per class: monai_peft.study.seg_report
+        from monai_peft.study.seg_report import write_seg_report
+
+        return write_seg_report(root)
     rows = summarise(study, records)
     expected = expected_cells(study)
     paths = {

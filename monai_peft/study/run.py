@@ -107,6 +107,28 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
 
 
+def batch_starts(n: int, batch_size: int) -> list[int]:
+    """Start index of every training batch of an epoch over ``n`` images (a last batch of one is folded in)."""
+    starts = list(range(0, n, min(batch_size, n)))
+    if len(starts) > 1 and n - starts[-1] == 1:  # a batch of one breaks BatchNorm in train mode: fold it in
+        starts.pop()
+    return starts
+
+
+def epochs_for(n_train: int, epochs: int, training: TrainingSpec) -> int:
+    """Epochs to train for: ``epochs``, raised to reach ``training.min_steps`` optimiser steps on small budgets.
+
+    With ``B`` batches per epoch over ``n_train`` images, this is
+    ``max(epochs, ceil(min_steps * (epochs / training.epochs) / B))``: a run (``epochs = training.epochs``) makes at
+    least ``min_steps`` steps, so at 1 % of the data it is not stopped after a handful of steps while the 100 % runs
+    keep ``epochs``; a shorter learning-rate search (``lr_search.epochs``) gets the same proportion of them.
+    """
+    if training.min_steps is None:
+        return epochs
+    steps = training.min_steps * epochs / training.epochs
+    return max(epochs, math.ceil(steps / len(batch_starts(n_train, training.batch_size))))
+
+
 def train_select(
     model: nn.Module,
     train_x: torch.Tensor,
@@ -138,10 +160,7 @@ def train_select(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay)
     n = len(train_y)
-    bs = min(training.batch_size, n)
-    starts = list(range(0, n, bs))
-    if len(starts) > 1 and n - starts[-1] == 1:  # a batch of one breaks BatchNorm in train mode: fold it in
-        starts.pop()
+    starts = batch_starts(n, training.batch_size)
     total = max(1, epochs * len(starts))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
@@ -220,7 +239,15 @@ def run_cell(study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits) ->
     model, bspec, mspec = build_cell_model(study, cell, data.num_classes, data.channels, cell.seed)
     tx, ty, vx, vy, n_train = train_inputs(study, data, cell.budget, cell.seed, bspec)
     selection, best_state = train_select(
-        model, tx, ty, vx, vy, lr=lr, epochs=study.training.epochs, training=study.training, seed=cell.seed
+        model,
+        tx,
+        ty,
+        vx,
+        vy,
+        lr=lr,
+        epochs=epochs_for(n_train, study.training.epochs, study.training),
+        training=study.training,
+        seed=cell.seed,
     )
     data.finalize_selection(selection)  # from here on the test split may be read
     model.load_state_dict(best_state, strict=False)

@@ -3,7 +3,7 @@
 A study file is a mapping with these keys (``*`` = required; every other key has the default shown)::
 
     name: my_study                     # * free text; part of the study's identity (config hash)
-    task: classification               # only "classification" runs in this version
+    task: classification               # classification; "generation" files: monai_peft.study.generation_schema
     dataset:                           # * where the images are (one of the kinds below)
       kind: medmnist                   #   medmnist | folder | csv | segmentation_datalist
       path: ../shared/data/medmnist/pneumoniamnist_28.npz   # medmnist: the .npz (or flag + root)
@@ -15,6 +15,13 @@ A study file is a mapping with these keys (``*`` = required; every other key has
       image_column: image              #   csv: column with image paths (relative to the CSV's folder)
       label_column: label              #   csv: column with class names or ids
       split_column: split              #   csv: column with train / val / test
+      datalist: null                   #   segmentation_datalist: the datalist inline (paths relative to root:)
+      spacing: null                    #   segmentation_datalist: resample to this voxel size in mm, e.g. [3, 3, 3]
+      roi_size: null                   #   segmentation_datalist: training patch = sliding-window size, e.g. [64, 64, 64]
+      num_classes: null                #   segmentation_datalist: label values 0..num_classes-1 (0 = background)
+      class_names: null                #   segmentation_datalist: a name per label value (tables)
+      modalities: null                 #   segmentation_datalist: a name per channel (messages)
+      samples_per_case: null           #   segmentation_datalist: random patches per training case per epoch (1)
     image_size: 64                     # images are resized to image_size x image_size
     backbones:                         # * one or more
       - name: efficientnet_lite0       #   monai_peft.networks.list_backbones() name, or monai:<Net> (from scratch)
@@ -39,6 +46,7 @@ A study file is a mapping with these keys (``*`` = required; every other key has
     seeds: [0, 1, 2]                   # * data subset, initialisation and shuffling per seed
     training:
       epochs: 10
+      min_steps: null                  #   small budgets train longer: at least this many optimiser steps
       batch_size: 32
       eval_batch_size: 256
       weight_decay: 0.0001
@@ -60,8 +68,8 @@ A study file is a mapping with these keys (``*`` = required; every other key has
 
 Relative paths are relative to the current folder; ``${VAR}`` and ``${VAR:-default}`` are expanded from the
 environment (e.g. ``${MONAI_PEFT_SHARED_DATA:-../shared/data}``). Unknown keys are errors that name the valid
-ones. ``segmentation_datalist`` (a MONAI datalist JSON of 3D images and labels, reported with Dice) is declared in
-the schema but not implemented in this version: it raises :class:`~monai_peft.errors.ConfigError`.
+ones. ``segmentation_datalist`` (a MONAI datalist of 3D images and label maps, ``task: segmentation``, reported
+with Dice) is described in :mod:`monai_peft.study.seg_data`; there ``channels`` is the number of modalities.
 
 :func:`load_study` reads and validates a file; :func:`study_from_dict` validates a mapping;
 :meth:`StudySpec.config_hash` identifies the study (results folders are tied to it).
@@ -93,12 +101,13 @@ __all__ = [
     "TrainingSpec",
     "load_study",
     "packaged_studies",
+    "read_study_file",
     "resolve_study_path",
     "study_from_dict",
 ]
 
 DATASET_KINDS = ("medmnist", "folder", "csv", "segmentation_datalist")
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 #: Fields that change how a study runs but not what it computes: left out of the config hash.
 _EXECUTION_ONLY = {("training", "device"), ("training", "num_threads")}
@@ -118,15 +127,22 @@ class DatasetSpec:
     image_column: str = "image"
     label_column: str = "label"
     split_column: str = "split"
+    # segmentation_datalist only (None elsewhere; see monai_peft.study.seg_data)
+    datalist: Any = None
+    spacing: tuple[float, ...] | None = None
+    roi_size: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+    modalities: tuple[str, ...] | None = None
+    samples_per_case: int | None = None
 
     def validate(self) -> None:
         if self.kind not in DATASET_KINDS:
             raise ConfigError(f"unknown dataset kind {self.kind!r}; valid kinds: {', '.join(DATASET_KINDS)}.")
         if self.kind == "segmentation_datalist":
-            raise ConfigError(
-                "dataset kind 'segmentation_datalist' (3D segmentation, Dice) is declared in the study schema but "
-                "not implemented in this version of monai_peft.study; use medmnist, folder or csv (classification)."
-            )
+            from monai_peft.study.seg_data import validate_seg_dataset
+
+            return validate_seg_dataset(self)
         if self.channels not in (1, 3):
             raise ConfigError(f"dataset.channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.kind == "medmnist" and not self.path and not self.flag:
@@ -229,6 +245,7 @@ class TrainingSpec:
     """Training of every cell (AdamW, cosine schedule, best epoch chosen on validation AUROC)."""
 
     epochs: int = 10
+    min_steps: int | None = None
     batch_size: int = 32
     eval_batch_size: int = 256
     weight_decay: float = 1e-4
@@ -241,6 +258,10 @@ class TrainingSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"training.{name} must be an integer >= 1, got {value!r}.")
+        if self.min_steps is not None and (
+            not isinstance(self.min_steps, int) or isinstance(self.min_steps, bool) or self.min_steps < 1
+        ):
+            raise ConfigError(f"training.min_steps must be an integer >= 1 or null, got {self.min_steps!r}.")
         if self.weight_decay < 0:
             raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", str(self.device)):
@@ -303,7 +324,15 @@ class StudySpec:
         if not self.name or not isinstance(self.name, str):
             raise ConfigError("the study needs a name: (free text).")
         if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; this version runs: {', '.join(TASKS)}.")
+            raise ConfigError(
+                f"unknown task {self.task!r}; this schema runs: {', '.join(TASKS)} (task: generation files are read "
+                "by monai_peft.study.generation_schema; monai-peft study dispatches on the task)."
+            )
+        if (self.task == "segmentation") != (self.dataset.kind == "segmentation_datalist"):
+            raise ConfigError(
+                "task: segmentation goes with dataset kind segmentation_datalist (and that kind with that task); "
+                f"got task {self.task!r} with dataset kind {self.dataset.kind!r}."
+            )
         if not isinstance(self.image_size, int) or self.image_size < 8:
             raise ConfigError(f"image_size must be an integer >= 8, got {self.image_size!r}.")
         if not self.backbones:
@@ -373,8 +402,13 @@ class StudySpec:
         for section, key in _EXECUTION_ONLY:
             data.get(section, {}).pop(key, None)
         # keys added after the first release leave the hash of studies that do not use them unchanged
+        if data["training"].get("min_steps") is None:
+            data["training"].pop("min_steps", None)
         if data["budgets"].get("k_shot_methods") is None:
             data["budgets"].pop("k_shot_methods", None)
+        for key in ("datalist", "spacing", "roi_size", "num_classes", "class_names", "modalities", "samples_per_case"):
+            if data["dataset"].get(key) is None:
+                data["dataset"].pop(key, None)
         for m in data["methods"]:
             if not m.get("backbones"):
                 m.pop("backbones", None)
@@ -515,6 +549,11 @@ def resolve_study_path(config: str | os.PathLike) -> Path:
 
 def load_study(config: str | os.PathLike) -> StudySpec:
     """Read and validate a study file (``.yaml``/``.yml`` with PyYAML, or ``.json``), or a packaged study name."""
+    return study_from_dict(read_study_file(config))
+
+
+def read_study_file(config: str | os.PathLike) -> Any:
+    """The raw mapping of a study file or packaged study name (``task: generation`` files are read here too)."""
     path = resolve_study_path(config)
     text = path.read_text()
     if path.suffix.lower() == ".json":
@@ -533,4 +572,4 @@ def load_study(config: str | os.PathLike) -> StudySpec:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    return study_from_dict(data)
+    return data

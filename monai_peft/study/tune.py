@@ -1,7 +1,8 @@
 """Learning-rate search of one ``(backbone, method, budget)`` cell on the validation split (Optuna).
 
 Each trial samples ``lr`` log-uniformly in ``[low, high]`` with a seeded TPE sampler, trains the cell on the
-training subset of ``lr_search.data_seed`` (default: the study's first seed) for ``lr_search.epochs`` epochs, and
+training subset of ``lr_search.data_seed`` (default: the study's first seed) for ``lr_search.epochs`` epochs (more on small budgets when ``training.min_steps`` is set, see
+:func:`~monai_peft.study.run.epochs_for`), and
 reports the validation AUROC after every epoch to a ``MedianPruner`` (a trial whose AUROC falls below the median
 of earlier trials at the same epoch stops early). The objective is the best validation AUROC of the trial; the
 learning rate of the best trial is used for every seed of the cell. ``low == high`` fixes the learning rate (no
@@ -36,7 +37,7 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
             "search": "fixed",
         }
     optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
-    from monai_peft.study.run import build_cell_model, train_inputs, train_select
+    from monai_peft.study.run import build_cell_model, epochs_for, train_inputs, train_select
 
     epochs = spec.epochs or study.training.epochs
     seed = study.tune_seed
@@ -47,7 +48,7 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
         model, bspec, _ = build_cell_model(study, cell, data.num_classes, data.channels, seed)
         if not inputs:
             inputs["v"] = train_inputs(study, data, cell.budget, seed, bspec)
-        tx, ty, vx, vy, _ = inputs["v"]
+        tx, ty, vx, vy, n_train = inputs["v"]
 
         def report(epoch: int, value: float) -> None:
             trial.report(value if math.isfinite(value) else 0.0, step=epoch)
@@ -55,7 +56,16 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val AUROC {value:.4f})")
 
         selection, _ = train_select(
-            model, tx, ty, vx, vy, lr=lr, epochs=epochs, training=study.training, seed=seed, on_epoch=report
+            model,
+            tx,
+            ty,
+            vx,
+            vy,
+            lr=lr,
+            epochs=epochs_for(n_train, epochs, study.training),
+            training=study.training,
+            seed=seed,
+            on_epoch=report,
         )
         return selection.val_auroc
 

@@ -371,7 +371,7 @@ def test_torchrun_ddp_on_two_cpu_processes_writes_rank0_adapter(tmp_path):
     )
     out = tmp_path / "run"
     args = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
         "--config_file", f"['configs/train.json','configs/multi_gpu_train.json','{dump}']",
         "--output_dir", str(out), "--epochs", "2", "--val_interval", "2", "--num_samples", "1",
     ]  # fmt: skip

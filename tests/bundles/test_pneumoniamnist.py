@@ -164,6 +164,7 @@ def test_torchrun_ddp_on_two_cpu_processes_writes_rank0_adapter(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port: other test processes may run torchrun at the same time
         "--nproc_per_node=2",
         "-m",
         "monai.bundle",

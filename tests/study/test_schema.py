@@ -69,7 +69,7 @@ def test_environment_expansion(monkeypatch):
         ),
         (
             {"dataset": {"kind": "segmentation_datalist", "path": "d.json"}},
-            "declared in the study schema but not implemented",
+            "task: segmentation goes with dataset kind segmentation_datalist",
         ),
         ({"dataset": {"kind": "medmnist"}}, "needs path: .* or flag:"),
         ({"dataset": {"kind": "medmnist", "path": "x", "colour": 1}}, r"unknown key\(s\) \['colour'\] in dataset"),
@@ -85,7 +85,8 @@ def test_environment_expansion(monkeypatch):
         ({"training": {"device": "gpu"}}, "training.device must be"),
         ({"lr_search": {"low": 1e-2, "high": 1e-3}}, "0 < low <= high"),
         ({"lr_search": {"low": "fast"}}, "lr_search.low must be a number"),
-        ({"task": "segmentation"}, "unknown task 'segmentation'"),
+        ({"task": "detection"}, "unknown task 'detection'"),
+        ({"task": "segmentation"}, "task: segmentation goes with dataset kind segmentation_datalist"),
         ({"image_size": 4}, "image_size must be an integer >= 8"),
     ],
 )

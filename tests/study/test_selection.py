@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,3 +64,38 @@ def test_learning_rate_search_never_reads_test(tmp_path):
     assert rec["lr"] == next(t["lr"] for t in completed if t["val_auroc"] == rec["val_auroc"])
     again = tune_cell(study, TuneCell("tinynet", "linear_probe", "f0.5"), load_splits(study.dataset, study.image_size))
     assert [t["lr"] for t in again["trials"]] == [t["lr"] for t in rec["trials"]]  # seeded sampler
+
+
+def test_min_steps_lengthens_small_budgets_only(tmp_path):
+    """training.min_steps: a 20-image budget (3 batches of 8, the last of 4) trains ceil(10 / 3) = 4 epochs instead
+    of 2; the learning-rate search (1 epoch of 2) gets half of the steps; unset, nothing changes."""
+    from monai_peft.study.run import batch_starts, epochs_for
+
+    assert batch_starts(20, 8) == [0, 8, 16] and batch_starts(17, 8) == [0, 8]  # a batch of one is folded in
+    study = study_from_dict(
+        tiny_study(
+            tiny_npz(tmp_path),
+            training={"epochs": 2, "batch_size": 8, "min_steps": 10},
+            lr_search={"low": 1e-3, "high": 1e-2, "n_trials": 1, "epochs": 1, "n_startup_trials": 1},
+        )
+    )
+    assert epochs_for(20, 2, study.training) == 4 and epochs_for(4000, 2, study.training) == 2
+    assert epochs_for(20, 1, study.training) == 2  # 10 * 1/2 = 5 steps of 3 per epoch
+    data = load_splits(study.dataset, study.image_size)
+    rec = run_cell(study, RunCell("tinynet", "bitfit", "f0.5", 0), 1e-2, data)
+    assert rec["train_images"] == 20 and len(rec["selection"]["history"]) == 4
+    tuned = tune_cell(study, TuneCell("tinynet", "bitfit", "f0.5"), load_splits(study.dataset, study.image_size))
+    assert tuned["trials"][0]["epochs"] == 2
+    plain = study_from_dict(tiny_study(tiny_npz(tmp_path), training={"epochs": 2, "batch_size": 8}))
+    assert epochs_for(20, 2, plain.training) == 2
+    assert plain.config_hash() != study_from_dict(plain.to_dict() | {"training": study.training.__dict__}).config_hash()
+
+
+def test_committed_study_results_keep_their_config_hash():
+    """Keys added to the schema later (e.g. training.min_steps) leave the hash of a committed study unchanged."""
+    from monai_peft.study.schema import load_study
+
+    committed = json.loads(Path("docs/study/pneumoniamnist_cpu_reduced/study.json").read_text())
+    study = study_from_dict(committed["study"])
+    assert study.config_hash() == committed["config_hash"]
+    assert load_study("pneumoniamnist_cpu_reduced").config_hash() == committed["config_hash"]
