@@ -93,10 +93,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from monai_peft.study import load_study, preflight, run_study
+    from monai_peft.study import preflight, run_study, study_from_dict
     from monai_peft.study.grid import expand_grid, expand_tuning
+    from monai_peft.study.schema import read_study_file
 
-    study = load_study(args.config)
+    data = read_study_file(args.config)
+    if isinstance(data, dict) and data.get("task") == "generation":  # the diffusion arm (docs/study.md)
+        from monai_peft.study.generation import run_from_cli
+
+        return run_from_cli(data, args)
+    study = study_from_dict(data)
     out = args.out or f"runs/study_{study.name}"
     if args.dry_run:
         checks = preflight(study)
