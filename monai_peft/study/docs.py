@@ -209,14 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         for p in publish(*args.publish):
             print(f"published {p}")
-    stale = update_doc(args.doc, check=args.check)
-    if args.check:
+    return report_doc_update(args.doc, update_doc(args.doc, check=args.check), args.check, "monai_peft.study.docs")
+
+
+def report_doc_update(doc: Path, stale: list[str], check: bool, module: str) -> int:
+    """Print what a docs update did (or, with ``check``, what is out of date); the exit code of a docs CLI."""
+    if check:
         if stale:
-            print(f"{args.doc} is out of date for {stale}: run python -m monai_peft.study.docs", file=sys.stderr)
+            print(f"{doc} is out of date for {stale}: run python -m {module}", file=sys.stderr)
             return 1
-        print(f"{args.doc} is up to date")
+        print(f"{doc} is up to date")
         return 0
-    print(f"{args.doc}: {'rewrote ' + ', '.join(stale) if stale else 'already up to date'}")
+    print(f"{doc}: {'rewrote ' + ', '.join(stale) if stale else 'already up to date'}")
     return 0
 
 

@@ -28,7 +28,6 @@ blocks of ``docs/study.md`` from the committed files.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -46,6 +45,7 @@ import torch
 from monai_peft.checkpoint import atomic_write_bytes
 from monai_peft.errors import ConfigError
 from monai_peft.study.generation_schema import GenerationMethodSpec, GenerationStudySpec, generation_from_dict
+from monai_peft.study.report import csv_bytes
 from monai_peft.study.store import ResultsFolder, write_json
 
 __all__ = [
@@ -382,15 +382,6 @@ def summarise_generation(study: dict[str, Any], records: list[dict[str, Any]]) -
     return rows
 
 
-def _csv(rows: list[dict[str, Any]], fields: list[str]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
-    return buf.getvalue().encode()
-
-
 def _load(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     head = json.loads((root / "study.json").read_text())
     records = []
@@ -509,10 +500,10 @@ def write_generation_report(
     rows = summarise_generation(study, records)
     fields = ["method", "method_name", "seed", "fid", "trainable_parameters", "unet_parameters", "trainable_percent"]
     fields += ["lr", "steps", "train_images", "train_seconds", "sample_seconds", "final_loss", "samples", "images"]
-    atomic_write_bytes(root / "results.csv", _csv(sorted(records, key=lambda r: r["cell_id"]), fields))
+    atomic_write_bytes(root / "results.csv", csv_bytes(sorted(records, key=lambda r: r["cell_id"]), fields))
     sfields = ["method", "label", "n_seeds", "fid_mean", "fid_std", "fid_per_seed", "trainable_parameters"]
     sfields += ["trainable_percent", "lr", "steps", "train_seconds_mean", "sample_seconds_mean", "final_loss_mean"]
-    atomic_write_bytes(root / "summary.csv", _csv(rows, sfields))
+    atomic_write_bytes(root / "summary.csv", csv_bytes(rows, sfields))
     summary = {
         "config_hash": head["config_hash"],
         "extractor": extractor,
@@ -632,15 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         for p in publish_generation(*args.publish):
             print(f"published {p}")
+    from monai_peft.study.docs import report_doc_update
+
     stale = update_generation_doc(args.doc, check=args.check)
-    if args.check:
-        if stale:
-            print(f"{args.doc} is out of date for {stale}: run python -m monai_peft.study.generation", file=sys.stderr)
-            return 1
-        print(f"{args.doc} is up to date")
-        return 0
-    print(f"{args.doc}: {'rewrote ' + ', '.join(stale) if stale else 'already up to date'}")
-    return 0
+    return report_doc_update(args.doc, stale, args.check, "monai_peft.study.generation")
 
 
 if __name__ == "__main__":  # pragma: no cover

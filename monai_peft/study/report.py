@@ -91,7 +91,8 @@ def summarise(study: dict[str, Any], records: list[dict[str, Any]]) -> list[dict
     return rows
 
 
-def _csv(rows: list[dict[str, Any]], fields: list[str]) -> bytes:
+def csv_bytes(rows: list[dict[str, Any]], fields: list[str]) -> bytes:
+    """``rows`` as CSV with the columns ``fields`` (lists and dicts as JSON), UTF-8 bytes."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -265,6 +266,12 @@ def expected_cells(study: dict[str, Any]) -> int:
     return n * len(study["seeds"])
 
 
+def report_paths(root: Path) -> dict[str, Path]:
+    """The report files of a results folder that every study kind writes: results/summary CSV, summary JSON, table."""
+    names = {"results_csv": "results.csv", "summary_csv": "summary.csv", "summary_json": "summary.json"}
+    return {**{k: root / v for k, v in names.items()}, "table": root / "table.md"}
+
+
 def write_report(root: str | Path) -> dict[str, str]:
     """Write the report files of a results folder; returns ``{kind: path}``."""
     root = Path(root)
@@ -276,15 +283,10 @@ def write_report(root: str | Path) -> dict[str, str]:
         return write_seg_report(root)
     rows = summarise(study, records)
     expected = expected_cells(study)
-    paths = {
-        "results_csv": root / "results.csv",
-        "summary_csv": root / "summary.csv",
-        "summary_json": root / "summary.json",
-        "table": root / "table.md",
-    }
-    atomic_write_bytes(paths["results_csv"], _csv(_cell_rows(records), _ROW_FIELDS))
+    paths = report_paths(root)
+    atomic_write_bytes(paths["results_csv"], csv_bytes(_cell_rows(records), _ROW_FIELDS))
     fields = list(rows[0]) if rows else ["backbone", "method", "budget"]
-    atomic_write_bytes(paths["summary_csv"], _csv(rows, fields))
+    atomic_write_bytes(paths["summary_csv"], csv_bytes(rows, fields))
     write_json(
         paths["summary_json"],
         {

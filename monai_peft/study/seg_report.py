@@ -175,22 +175,19 @@ def _plot(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> Path
 
 def write_seg_report(root: str | Path) -> dict[str, str]:
     """Write the report files of a segmentation results folder; returns ``{kind: path}``."""
-    from monai_peft.study.report import _csv, expected_cells, load_records
+    from monai_peft.study.report import csv_bytes, expected_cells, load_records, report_paths
 
     root = Path(root)
     head, records = load_records(root)
     study = head["study"]
     rows = summarise_seg(study, records)
     expected = expected_cells(study)
-    paths = {
-        "results_csv": root / "results.csv",
-        "summary_csv": root / "summary.csv",
-        "summary_json": root / "summary.json",
-        "table": root / "table.md",
-    }
+    paths = report_paths(root)
     cell_rows, fields = _cell_rows(study, records)
-    atomic_write_bytes(paths["results_csv"], _csv(cell_rows, fields))
-    atomic_write_bytes(paths["summary_csv"], _csv(rows, list(rows[0]) if rows else ["backbone", "method", "budget"]))
+    atomic_write_bytes(paths["results_csv"], csv_bytes(cell_rows, fields))
+    atomic_write_bytes(
+        paths["summary_csv"], csv_bytes(rows, list(rows[0]) if rows else ["backbone", "method", "budget"])
+    )
     summary = {"study": study["name"], "task": "segmentation", "config_hash": head["config_hash"],
                "finished_cells": len(records), "expected_cells": expected, "rows": rows}  # fmt: skip
     write_json(paths["summary_json"], json.loads(json.dumps(summary)))

@@ -388,6 +388,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
         return {"cell_id": cell.cell_id, "lr": float(spec.low), "val_dice": None, "trials": [], "seconds": 0.0,
                 "search": "fixed"}  # fmt: skip
     from monai_peft.errors import require
+    from monai_peft.study.tune import optuna_search
 
     optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
     bspec, mspec = _backbone_spec(study, cell.backbone), _method_spec(study, cell.method)
@@ -408,13 +409,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
         )
         return selection.val_dice
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = optuna.create_study(
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps),
-    )
-    search.optimize(objective, n_trials=spec.n_trials)
+    search = optuna_search(spec, objective)
     trials = [{"number": t.number, "lr": t.params.get("lr"), "state": t.state.name, "val_dice": t.value,
                "epochs": len(t.intermediate_values)} for t in search.trials]  # fmt: skip
     done = [t for t in search.trials if t.state.name == "COMPLETE" and t.value is not None]

@@ -13,14 +13,28 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from monai_peft.errors import require
 from monai_peft.study.data import GuardedSplits
 from monai_peft.study.grid import TuneCell
-from monai_peft.study.schema import StudySpec
+from monai_peft.study.schema import LRSearchSpec, StudySpec
 
-__all__ = ["tune_cell"]
+__all__ = ["optuna_search", "tune_cell"]
+
+
+def optuna_search(spec: LRSearchSpec, objective: Callable[[Any], float]) -> Any:
+    """Maximise ``objective(trial)`` over ``spec.n_trials`` trials: seeded TPE sampler, ``MedianPruner``."""
+    optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps),
+    )
+    search.optimize(objective, n_trials=spec.n_trials)
+    return search
 
 
 def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str, Any]:
@@ -69,13 +83,7 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
         )
         return selection.val_auroc
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = optuna.create_study(
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps),
-    )
-    search.optimize(objective, n_trials=spec.n_trials)
+    search = optuna_search(spec, objective)
     trials = [
         {
             "number": t.number,
