@@ -88,7 +88,9 @@ def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
     full, peft = at("f0.01", "full_finetune"), [r for r in at("f0.01") if r["method_name"] != "full_finetune"]
     if full and peft:
         best = max(peft, key=lambda r: r["val_auroc_mean"])
-        add(claim, f"{_fmt(best)} (best on validation) vs {_fmt(full[0])}", _beats(best, full[0]))
+        ref = max(full, key=lambda r: r["val_auroc_mean"])
+        label = " (best on validation)" if len(full) > 1 else ""
+        add(claim, f"{_fmt(best)} (best on validation) vs {_fmt(ref)}{label}", _beats(best, ref))
     else:
         add(claim, "needs full_finetune and a PEFT method at 1 %", "not tested")
 
@@ -144,16 +146,16 @@ def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
     return lines
 
 
-def render_claims(folder: str | Path) -> str:
+def render_claims(*folders: str | Path) -> str:
     """A Markdown table: each claim of issue 12, the comparison on the published summary, and the verdict.
 
-    Comparisons use the seed means of test AUROC from ``summary.json``. "Best" is the method with the highest seed
+    ``folders`` are published results folders of the same data set (their rows are pooled: e.g. a companion study
+    that runs one method with another learning-rate range). Comparisons use the seed means of test AUROC from
+    their ``summary.json``. "Best" is the method with the highest seed
     mean of *validation* AUROC among those a claim compares, so that no verdict picks a method by its test score
     (every model was chosen on validation too).
     """
-    folder = Path(folder)
-    summary = json.loads((folder / "summary.json").read_text())
-    rows = summary["rows"]
+    rows = [row for folder in folders for row in json.loads((Path(folder) / "summary.json").read_text())["rows"]]
     lines = ["| backbone | claim | comparison (test AUROC, mean ± std over seeds) | our data |", "|---|---|---|---|"]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += _backbone_claims(backbone, [r for r in rows if r["backbone"] == backbone])
@@ -167,8 +169,10 @@ def update_doc(doc: str | Path, root: str | Path = ".", *, check: bool = False) 
     stale: list[str] = []
 
     def repl(m: re.Match) -> str:
-        render = render_block if m.group("kind") == "results" else render_claims
-        body = render(root / m.group("path"))
+        if m.group("kind") == "results":
+            body = render_block(root / m.group("path"))
+        else:  # claims may pool several studies of the same data: "a+b"
+            body = render_claims(*[root / p for p in m.group("path").split("+")])
         if body != m.group("body"):
             stale.append(m.group("path"))
         return m.group(1) + body + f"<!-- /study-{m.group('kind')} -->"

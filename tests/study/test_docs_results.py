@@ -96,3 +96,23 @@ def test_brats_3d_arm_table_in_study_md_is_the_generated_one():
     assert block, "docs/study.md lost its generated 3D-arm table"
     generated = (root / "benchmarks" / "results" / "brats_compare.md").read_text().strip()
     assert block.group(1).strip() == generated, "regenerate: python benchmarks/brats_bundle_compare.py --table"
+
+
+def test_claims_pool_a_companion_study_and_compare_with_the_full_finetune_best_on_validation(tmp_path):
+    """Two folders pooled ("a+b" in the doc): the full fine-tuning reference is the one with the higher validation
+    AUROC, whichever its test AUROC; the verdict follows."""
+    import json
+
+    from monai_peft.study.docs import render_claims
+
+    shutil.copytree(PUBLISHED, tmp_path / "a")
+    summary = json.loads((PUBLISHED / "summary.json").read_text())
+    full = [r for r in summary["rows"] if r["method_name"] == "full_finetune" and r["budget"] == "f0.01"][0]
+    better_on_val = {**full, "method": "full_lowlr", "val_auroc_mean": 0.99, "test_auroc_mean": 0.2}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({**summary, "rows": [better_on_val]}))
+    alone = render_claims(tmp_path / "a")
+    pooled = render_claims(tmp_path / "a", tmp_path / "b")
+    first = next(line for line in pooled.splitlines() if "at 1 %, the best PEFT" in line)
+    assert "vs full_lowlr 0.200" in first and "(best on validation) |" in first and first.endswith("| supported |")
+    assert "vs full_finetune 0.577" in alone and "**not supported**" in alone.splitlines()[2]
