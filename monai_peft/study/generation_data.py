@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_peft.errors import ConfigError
-from monai_peft.study.generation_schema import SourceSpec, TargetSpec
+from monai_peft.study.generation_schema import SourceImagesSpec, TargetImagesSpec
 
 __all__ = ["load_source_images", "load_target_split", "target_train_subset", "to_unit_range"]
 
@@ -34,7 +34,7 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def load_source_images(spec: SourceSpec, image_size: int) -> torch.Tensor:
+def load_source_images(spec: SourceImagesSpec, image_size: int) -> torch.Tensor:
     """BraTS FLAIR axial slices with brain, ``(N, 1, image_size, image_size)`` in [0, 1] (see module docstring).
 
     Raises:
@@ -69,7 +69,7 @@ def load_source_images(spec: SourceSpec, image_size: int) -> torch.Tensor:
     return _resize(x, image_size, "area").clamp(0, 1).contiguous()
 
 
-def _npz(spec: TargetSpec) -> np.lib.npyio.NpzFile:
+def _npz(spec: TargetImagesSpec) -> np.lib.npyio.NpzFile:
     path = Path(spec.path)
     if not path.is_file():
         raise ConfigError(
@@ -79,7 +79,7 @@ def _npz(spec: TargetSpec) -> np.lib.npyio.NpzFile:
     return np.load(path)
 
 
-def load_target_split(spec: TargetSpec, split: str, image_size: int) -> torch.Tensor:
+def load_target_split(spec: TargetImagesSpec, split: str, image_size: int) -> torch.Tensor:
     """``<split>_images`` of the MedMNIST file as ``(N, 1, image_size, image_size)`` in [0, 1]."""
     data = _npz(spec)
     key = f"{split}_images"

@@ -75,8 +75,8 @@ __all__ = [
     "GenerationStudySpec",
     "PretrainSpec",
     "SchedulerSpec",
-    "SourceSpec",
-    "TargetSpec",
+    "SourceImagesSpec",
+    "TargetImagesSpec",
     "UNetSpec",
     "generation_from_dict",
 ]
@@ -103,7 +103,7 @@ def _positive_int(where: str, value: Any, low: int = 1) -> None:
 
 
 @dataclass(frozen=True)
-class SourceSpec:
+class SourceImagesSpec:
     """Pretraining images: BraTS FLAIR axial slices with brain (``kind: brats_flair``)."""
 
     kind: str = "brats_flair"
@@ -118,7 +118,7 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
-class TargetSpec:
+class TargetImagesSpec:
     """Adaptation images (``train_images`` of a MedMNIST file) and the reference split of the score."""
 
     kind: str = "medmnist"
@@ -278,8 +278,8 @@ class GenerationStudySpec:
     methods: tuple[GenerationMethodSpec, ...]
     seeds: tuple[int, ...]
     task: str = "generation"
-    source: SourceSpec = field(default_factory=SourceSpec)
-    target: TargetSpec = field(default_factory=TargetSpec)
+    source: SourceImagesSpec = field(default_factory=SourceImagesSpec)
+    target: TargetImagesSpec = field(default_factory=TargetImagesSpec)
     image_size: int = 32
     unet: UNetSpec = field(default_factory=UNetSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -363,8 +363,8 @@ def generation_from_dict(data: dict[str, Any]) -> GenerationStudySpec:
     if not isinstance(seeds, (list, tuple)):
         raise ConfigError(f"seeds must be a list, got {seeds!r}.")
     sections = {
-        "source": SourceSpec,
-        "target": TargetSpec,
+        "source": SourceImagesSpec,
+        "target": TargetImagesSpec,
         "unet": UNetSpec,
         "scheduler": SchedulerSpec,
         "pretrain": PretrainSpec,

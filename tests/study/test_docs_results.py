@@ -116,3 +116,23 @@ def test_claims_pool_a_companion_study_and_compare_with_the_full_finetune_best_o
     first = next(line for line in pooled.splitlines() if "at 1 %, the best PEFT" in line)
     assert "vs full_lowlr 0.200" in first and "(best on validation) |" in first and first.endswith("| supported |")
     assert "vs full_finetune 0.577" in alone and "**not supported**" in alone.splitlines()[2]
+
+
+def test_the_cpu_study_reading_quotes_only_figures_of_its_tables():
+    """Every AUROC/accuracy the prose under "Which claims these data support" quotes is in the rendered tables of
+    the two published folders (or is MedMNIST v2's baseline), so a rerun that changes them fails here."""
+    import re
+
+    from monai_peft.study.docs import MEDMNIST_V2_RESNET18_28
+
+    text = DOC.read_text()
+    reading = text[text.index("**Reading.** Three seeds") : text.index("- **Not tested on a CPU:**")]
+    tables = render_block(ROOT / "docs/study/pneumoniamnist_cpu_effnet") + render_block(
+        ROOT / "docs/study/pneumoniamnist_cpu_effnet_full_lowlr"
+    )
+    known = set(re.findall(r"\d\.\d{3}", tables)) | {f"{v:.3f}" for v in MEDMNIST_V2_RESNET18_28.values()}
+    quoted = [v for v in re.findall(r"(?<![\d.])\d\.\d{3}(?!\d)", reading) if float(v) > 0.1]
+    assert len(quoted) >= 15
+    assert [v for v in quoted if v not in known] == []
+    shares = set(re.findall(r"\d+\.\d{2} %", reading))  # trainable shares, e.g. "1.32 %"
+    assert len(shares) >= 4 and shares <= set(re.findall(r"\d+\.\d{2} %", tables))

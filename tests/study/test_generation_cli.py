@@ -41,25 +41,25 @@ def test_source_and_target_images():
     import nibabel as nib
 
     from monai_peft.study.generation_data import load_source_images, load_target_split, target_train_subset
-    from monai_peft.study.generation_schema import SourceSpec, TargetSpec
+    from monai_peft.study.generation_schema import SourceImagesSpec, TargetImagesSpec
 
     brats = require_shared("brats")
     npz = require_shared("medmnist/pneumoniamnist_28.npz")
-    src = load_source_images(SourceSpec(path=str(brats), min_brain_fraction=0.1), 24)
+    src = load_source_images(SourceImagesSpec(path=str(brats), min_brain_fraction=0.1), 24)
     expected = sum(
         int(((nib.load(str(m)).get_fdata() > 0).mean(axis=(0, 1)) >= 0.1).sum())
         for m in sorted(brats.glob("*/brainmask.nii.gz"))
     )
     assert src.shape == (expected, 1, 24, 24) and src.dtype == torch.float32
     assert float(src.min()) >= 0.0 and float(src.max()) <= 1.0 and float(src.mean()) > 0.05
-    tgt = load_target_split(TargetSpec(path=str(npz)), "test", 32)
+    tgt = load_target_split(TargetImagesSpec(path=str(npz)), "test", 32)
     assert tgt.shape == (624, 1, 32, 32) and 0.2 < float(tgt.mean()) < 0.8
     a, b = target_train_subset(tgt, 50, 0), target_train_subset(tgt, 50, 1)
     assert torch.equal(a, target_train_subset(tgt, 50, 0)) and not torch.equal(a, b)
     with pytest.raises(ConfigError, match="exceeds the 624 training images"):
         target_train_subset(tgt, 1000, 0)
     with pytest.raises(ConfigError, match="holds no BraTS case"):
-        load_source_images(SourceSpec(path=str(npz.parent)), 16)
+        load_source_images(SourceImagesSpec(path=str(npz.parent)), 16)
 
 
 def test_monai_peft_study_runs_a_tiny_generation_study_and_resumes(tmp_path, capsys):
