@@ -38,6 +38,7 @@ A study file is a mapping with these keys (``*`` = required; every other key has
         kwargs: {r: 4, alpha: 8}       #   config fields: monai_peft.get_config(name, **kwargs)
         preset: null                   #   a paper preset, when monai_peft.get_config supports preset=
         backbones: []                  #   backbone labels this method runs on (default []: every backbone)
+        lr_range: null                 #   [low, high]: this method's learning-rate search range (default: lr_search's)
     budgets:                           # * at least one fraction or K
       fractions: [0.01, 0.1, 1.0]      #   per-class fractions of the training split
       k_shots: [1, 5, 10]              #   K images of every class
@@ -198,6 +199,7 @@ class MethodSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
     backbones: tuple[str, ...] = ()
+    lr_range: tuple[float, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -210,6 +212,14 @@ class MethodSpec:
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("every method needs a name.")
+        if self.lr_range is not None:
+            ok = len(self.lr_range) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.lr_range
+            )
+            if not ok or not 0 < self.lr_range[0] <= self.lr_range[1]:
+                raise ConfigError(
+                    f"method {self.key!r}: lr_range must be [low, high] with 0 < low <= high, got {list(self.lr_range)}."
+                )
 
 
 @dataclass(frozen=True)
@@ -396,6 +406,14 @@ class StudySpec:
         """Plain JSON-able mapping with every default filled in (round-trips through :func:`study_from_dict`)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def lr_range(self, method: str) -> tuple[float, float]:
+        """``(low, high)`` of the learning-rate search of method label ``method``: its ``lr_range``, else the
+        study's ``lr_search.low`` / ``high``; ``low == high`` fixes the learning rate."""
+        spec = next(m for m in self.methods if m.key == method)
+        if spec.lr_range is not None:
+            return float(spec.lr_range[0]), float(spec.lr_range[1])
+        return self.lr_search.low, self.lr_search.high
+
     def config_hash(self) -> str:
         """SHA-256 (first 16 hex digits) of the canonical JSON of the study, without execution-only fields."""
         data = self.to_dict()
@@ -410,8 +428,9 @@ class StudySpec:
             if data["dataset"].get(key) is None:
                 data["dataset"].pop(key, None)
         for m in data["methods"]:
-            if not m.get("backbones"):
-                m.pop("backbones", None)
+            for key in ("backbones", "lr_range"):
+                if not m.get(key):
+                    m.pop(key, None)
         for b in data["backbones"]:
             for key in ("image_size", "channels"):
                 if b.get(key) is None:

@@ -384,8 +384,9 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
     """Learning-rate search of one cell on the validation mean Dice (see :mod:`monai_peft.study.tune`)."""
     spec = study.lr_search
     t0 = time.time()
-    if spec.low == spec.high:
-        return {"cell_id": cell.cell_id, "lr": float(spec.low), "val_dice": None, "trials": [], "seconds": 0.0,
+    low, high = study.lr_range(cell.method)
+    if low == high:
+        return {"cell_id": cell.cell_id, "lr": float(low), "val_dice": None, "trials": [], "seconds": 0.0,
                 "search": "fixed"}  # fmt: skip
     from monai_peft.errors import require
     from monai_peft.study.tune import optuna_search
@@ -396,7 +397,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
     train, val = _inputs(study, data, cell.budget, seed)
 
     def objective(trial: Any) -> float:
-        lr = trial.suggest_float("lr", spec.low, spec.high, log=True)
+        lr = trial.suggest_float("lr", low, high, log=True)
         model = build_seg_model(bspec, mspec, data.channels, data.num_classes, seed)
 
         def report(epoch: int, value: float) -> None:

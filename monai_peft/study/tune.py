@@ -41,10 +41,11 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
     """Search the learning rate of ``cell``; returns ``{"cell_id", "lr", "val_auroc", "trials": [...], "seconds"}``."""
     spec = study.lr_search
     t0 = time.time()
-    if spec.low == spec.high:
+    low, high = study.lr_range(cell.method)
+    if low == high:
         return {
             "cell_id": cell.cell_id,
-            "lr": float(spec.low),
+            "lr": float(low),
             "val_auroc": None,
             "trials": [],
             "seconds": 0.0,
@@ -58,7 +59,7 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
     inputs: dict[str, Any] = {}
 
     def objective(trial: Any) -> float:
-        lr = trial.suggest_float("lr", spec.low, spec.high, log=True)
+        lr = trial.suggest_float("lr", low, high, log=True)
         model, bspec, _ = build_cell_model(study, cell, data.num_classes, data.channels, seed)
         if not inputs:
             inputs["v"] = train_inputs(study, data, cell.budget, seed, bspec)

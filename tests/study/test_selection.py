@@ -99,3 +99,30 @@ def test_committed_study_results_keep_their_config_hash():
     study = study_from_dict(committed["study"])
     assert study.config_hash() == committed["config_hash"]
     assert load_study("pneumoniamnist_cpu_reduced").config_hash() == committed["config_hash"]
+
+
+def test_a_method_lr_range_overrides_the_study_range_for_that_method_only(tmp_path):
+    """methods[i].lr_range: that method's trials sample inside it, the others keep lr_search's range; a fixed
+    range (low == high) means no search; unset, the config hash is unchanged; a bad range is a clear error."""
+    from monai_peft.errors import ConfigError
+
+    search = {"low": 1e-2, "high": 1e-1, "n_trials": 2, "epochs": 1, "n_startup_trials": 1}
+    methods = [{"name": "linear_probe"}, {"name": "bitfit", "lr_range": [1e-5, 1e-4]}]
+    study = study_from_dict(tiny_study(tiny_npz(tmp_path), methods=methods, lr_search=search))
+    assert study.lr_range("bitfit") == (1e-5, 1e-4) and study.lr_range("linear_probe") == (1e-2, 1e-1)
+    data = load_splits(study.dataset, study.image_size)
+    low = tune_cell(study, TuneCell("tinynet", "bitfit", "f0.5"), data)
+    other = tune_cell(study, TuneCell("tinynet", "linear_probe", "f0.5"), data)
+    assert all(1e-5 <= t["lr"] <= 1e-4 for t in low["trials"]) and 1e-5 <= low["lr"] <= 1e-4
+    assert all(1e-2 <= t["lr"] <= 1e-1 for t in other["trials"])
+    fixed = study_from_dict(
+        tiny_study(tiny_npz(tmp_path), methods=[{"name": "bitfit", "lr_range": [3e-4, 3e-4]}], lr_search=search)
+    )
+    rec = tune_cell(fixed, TuneCell("tinynet", "bitfit", "f0.5"), data)
+    assert rec["lr"] == 3e-4 and rec["trials"] == [] and rec["search"] == "fixed"
+    plain = tiny_study(tiny_npz(tmp_path), methods=[{"name": "bitfit"}])
+    explicit = tiny_study(tiny_npz(tmp_path), methods=[{"name": "bitfit", "lr_range": None}])
+    assert study_from_dict(plain).config_hash() == study_from_dict(explicit).config_hash()
+    for bad in ([1e-3], [1e-3, 1e-4], [0, 1e-3], ["a", 1e-3]):
+        with pytest.raises(ConfigError, match="lr_range must be \\[low, high\\]"):
+            study_from_dict(tiny_study(tiny_npz(tmp_path), methods=[{"name": "bitfit", "lr_range": bad}]))
