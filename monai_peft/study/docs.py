@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from monai_peft.checkpoint import atomic_write_bytes
 from monai_peft.errors import ConfigError
 
 __all__ = ["MEDMNIST_V2_RESNET18_28", "PUBLISHED_FILES", "publish", "render_block", "render_claims", "update_doc"]
@@ -179,11 +180,7 @@ def update_doc(doc: str | Path, root: str | Path = ".", *, check: bool = False) 
 
     new = _BLOCK.sub(repl, text)
     if not check and new != text:
-        fd, tmp = tempfile.mkstemp(dir=doc.parent, prefix=f".{doc.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(new)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, doc)
+        atomic_write_bytes(doc, new.encode())
     return stale
 
 

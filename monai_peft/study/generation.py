@@ -45,7 +45,7 @@ import torch
 from monai_peft.checkpoint import atomic_write_bytes
 from monai_peft.errors import ConfigError
 from monai_peft.study.generation_schema import GenerationMethodSpec, GenerationStudySpec, generation_from_dict
-from monai_peft.study.report import csv_bytes
+from monai_peft.study.report import csv_bytes, load_records
 from monai_peft.study.store import ResultsFolder, write_json
 
 __all__ = [
@@ -382,16 +382,6 @@ def summarise_generation(study: dict[str, Any], records: list[dict[str, Any]]) -
     return rows
 
 
-def _load(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    head = json.loads((root / "study.json").read_text())
-    records = []
-    for p in sorted((root / "cells").glob("*.json")):
-        rec = json.loads(p.read_text())
-        if rec.get("config_hash") == head["config_hash"]:
-            records.append(rec)
-    return head, records
-
-
 def generation_markdown(head: dict[str, Any], summary: dict[str, Any]) -> str:
     """The Markdown table of a generation summary (``summary.json``) with the setup it was measured with."""
     s = head["study"]
@@ -495,7 +485,7 @@ def write_generation_report(
 ) -> dict[str, Path]:
     """Write results.csv, summary.json/.csv, table.md and the plots of a generation results folder."""
     root = Path(root)
-    head, records = _load(root)
+    head, records = load_records(root)
     study = head["study"]
     rows = summarise_generation(study, records)
     fields = ["method", "method_name", "seed", "fid", "trainable_parameters", "unet_parameters", "trainable_percent"]
@@ -557,11 +547,7 @@ def update_generation_doc(doc: str | Path, root: str | Path = ".", *, check: boo
 
     new = _BLOCK.sub(repl, text)
     if not check and new != text:
-        fd, tmp = tempfile.mkstemp(dir=doc.parent, prefix=f".{doc.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(new)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, doc)
+        atomic_write_bytes(doc, new.encode())
     return stale
 
 
