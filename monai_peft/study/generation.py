@@ -45,7 +45,7 @@ import torch
 from monai_peft.checkpoint import atomic_write_bytes
 from monai_peft.errors import ConfigError
 from monai_peft.study.generation_schema import GenerationMethodSpec, GenerationStudySpec, generation_from_dict
-from monai_peft.study.report import csv_bytes, load_records
+from monai_peft.study.report import csv_bytes, load_records, save_png
 from monai_peft.study.store import ResultsFolder, write_json
 
 __all__ = [
@@ -455,10 +455,7 @@ def _plots(root: Path, head: dict[str, Any], rows: list[dict[str, Any]]) -> dict
     ax.set_title(head["study"]["name"], fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(root / "fid_params.png", buf.getvalue())
+    save_png(fig, root / "fid_params.png", dpi=110, tight=False)
     out["fid_params.png"] = root / "fid_params.png"
 
     seed = head["study"]["seeds"][0]
@@ -472,10 +469,7 @@ def _plots(root: Path, head: dict[str, Any], rows: list[dict[str, Any]]) -> dict
             a.axis("off")
         fig.suptitle(f"DDIM samples, seed {seed}", fontsize=8)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(root / "samples.png", buf.getvalue())
+        save_png(fig, root / "samples.png", dpi=100, tight=False)
         out["samples.png"] = root / "samples.png"
     return out
 

@@ -153,6 +153,16 @@ def build_peft_model(net: nn.Module, head: list[str], spec: MethodSpec) -> Any:
     return mp.get_peft_model(net, cfg, modules_to_save=save)
 
 
+def not_applicable(method: MethodSpec, backbone: str, exc: Exception, applicable: list[str]) -> Exception:
+    """The error for ``method`` failing on ``backbone``: why, the methods that apply with their defaults, the fix."""
+    ok = ", ".join(applicable) or "none"
+    return MethodNotApplicableError(
+        f"method {method.key!r} ({method.name}) does not apply to backbone {backbone!r}: {exc}. Methods that apply "
+        f"to {backbone!r} with their defaults: {ok}. To keep {method.key!r} for the other backbones, give it "
+        f"backbones: [...] without {backbone!r}."
+    )
+
+
 def check_backbone_methods(study: StudySpec, num_classes: int, in_channels: int) -> dict[str, dict[str, int]]:
     """Build every backbone and apply every method to a copy: all bad combinations fail here, before training.
 
@@ -184,11 +194,6 @@ def check_backbone_methods(study: StudySpec, num_classes: int, in_channels: int)
             except Exception as exc:
                 if m.name in applicable and isinstance(exc, MonaiPeftError):
                     raise  # applies with its defaults: the config fields are wrong, the message says which
-                ok = ", ".join(applicable) or "none"
-                raise MethodNotApplicableError(
-                    f"method {m.key!r} ({m.name}) does not apply to backbone {b.key!r}: {exc}. Methods that apply to "
-                    f"{b.key!r} with their defaults: {ok}. To keep {m.key!r} for the other backbones, give it "
-                    f"backbones: [...] without {b.key!r}."
-                ) from exc
+                raise not_applicable(m, b.key, exc, applicable) from exc
             out[b.key][m.key] = int(model.trainable_parameters()[0])
     return out

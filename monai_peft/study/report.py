@@ -175,9 +175,13 @@ def markdown(
     return "\n".join(lines)
 
 
-def _save_fig(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path, dpi: int = 120, tight: bool = True) -> None:
+    """Write a matplotlib figure atomically as PNG (``tight``: crop to the drawn area) and close it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -219,7 +223,7 @@ def plots(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> list
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(study["name"])
-    _save_fig(fig, root / "fraction.png")
+    save_png(fig, root / "fraction.png")
     plt.close(fig)
     out.append(root / "fraction.png")
 
@@ -246,7 +250,7 @@ def plots(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> list
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    _save_fig(fig, root / "params.png")
+    save_png(fig, root / "params.png")
     plt.close(fig)
     out.append(root / "params.png")
     return out

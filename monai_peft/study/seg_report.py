@@ -146,7 +146,7 @@ def _plot(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from monai_peft.study.report import _save_fig
+    from monai_peft.study.report import save_png
 
     _, methods, budgets = _order(study)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -168,7 +168,7 @@ def _plot(study: dict[str, Any], rows: list[dict[str, Any]], root: Path) -> Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     path = root / "params.png"
-    _save_fig(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

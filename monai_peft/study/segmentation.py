@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_peft.errors import CheckpointError, ConfigError, MethodNotApplicableError, MonaiPeftError
+from monai_peft.errors import CheckpointError, ConfigError, MonaiPeftError
 from monai_peft.study.grid import RunCell, TuneCell, budget_names
+from monai_peft.study.models import not_applicable
 from monai_peft.study.schema import BackboneSpec, MethodSpec, StudySpec
 from monai_peft.study.seg_data import SegCase, SegSplits, case_budget, load_seg_splits
 
@@ -190,11 +191,7 @@ def check_seg_methods(study: StudySpec) -> dict[str, dict[str, int]]:
             except Exception as exc:
                 if m.name in applicable and isinstance(exc, MonaiPeftError):
                     raise
-                raise MethodNotApplicableError(
-                    f"method {m.key!r} ({m.name}) does not apply to backbone {b.key!r}: {exc}. Methods that apply to "
-                    f"{b.key!r} with their defaults: {', '.join(applicable)}. To keep {m.key!r} for the other "
-                    f"backbones, give it backbones: [...] without {b.key!r}."
-                ) from exc
+                raise not_applicable(m, b.key, exc, applicable) from exc
             out[b.key][m.key] = int(model.trainable_parameters()[0])
     del net
     return out
