@@ -19,6 +19,14 @@ A pretraining folder holds (no pickle anywhere in what other tools read):
 
 A different ``img_size`` resamples the position embeddings (bicubic 2D / trilinear 3D) and a different
 ``in_channels`` adapts the patch kernel (:func:`~monai_peft.networks.adapt.adapt_input_channels`).
+
+``head_norm="batchnorm"`` puts MAE's linear-probing normaliser in front of the fresh head (He et al. 2022,
+appendix A.1: "an extra BatchNorm layer without affine transformation"):
+``logits = W ((f - mu_B) / sqrt(sigma_B^2 + eps)) + b`` with ``f`` the pooled ``(B, C)`` feature and
+``mu_B, sigma_B^2`` the batch (train) or running (eval) per-channel statistics. MAE features are badly scaled
+(per channel their spread across images is a small fraction of their mean), so a linear head trained on them
+directly barely moves; the normaliser fixes the conditioning. The head becomes ``nn.Sequential(BatchNorm1d(C, affine=False), Linear)``
+(its BatchNorm statistics are buffers: train them with ``batchnorm_stats="save"``).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ FORMAT = "monai_peft.mae_vit"
 FORMAT_VERSION = 1
 ENCODER_FILE = "encoder.safetensors"
 META_FILE = "mae_vit.json"
+_HEAD_NORMS = ("none", "batchnorm")
 _ARCH_KEYS = (
     "spatial_dims",
     "in_channels",
@@ -174,6 +183,7 @@ def load_mae_vit_with_report(
     in_channels: int | None = None,
     global_pool: str = "avg",
     dropout_rate: float = 0.0,
+    head_norm: str = "none",
     strict: bool = True,
     **unused: Any,
 ) -> tuple[nn.Module, LoadReport]:
@@ -186,6 +196,8 @@ def load_mae_vit_with_report(
         in_channels: input channels (default: the pretraining channels).
         global_pool: 2D only: ``"avg"`` (MAE fine-tuning protocol, fresh ``fc_norm``) or ``"token"``.
         dropout_rate: MONAI ViT dropout.
+        head_norm: ``"none"`` (a plain linear head) or ``"batchnorm"`` (MAE's linear-probing BatchNorm without
+            affine parameters in front of the head; needs ``num_classes > 0``).
         strict: raise when a key is missing / unexpected (always on shape mismatches).
 
     Returns:
@@ -195,8 +207,12 @@ def load_mae_vit_with_report(
     if unused:
         raise ConfigError(
             f"unknown mae_vit option(s) {sorted(unused)}; valid: num_classes, img_size, in_channels, global_pool, "
-            "dropout_rate, strict."
+            "dropout_rate, head_norm, strict."
         )
+    if head_norm not in _HEAD_NORMS:
+        raise ConfigError(f"mae_vit head_norm must be one of {list(_HEAD_NORMS)}, got {head_norm!r}.")
+    if head_norm != "none" and not num_classes:
+        raise ConfigError("mae_vit head_norm needs a head: give num_classes > 0 (or leave head_norm: none).")
     if source is None:
         raise ConfigError("backbone 'mae_vit' needs source: the --out folder of `monai-peft pretrain`.")
     folder = _folder(source)
@@ -294,8 +310,18 @@ def load_mae_vit_with_report(
         model = vit
     else:
         raise CheckpointError(f"{folder / META_FILE}: spatial_dims must be 2 or 3, got {dims}.")
+    if head_norm == "batchnorm":
+        head_attr = "head" if dims == 2 else "classification_head"
+        setattr(model, head_attr, _with_batchnorm(getattr(model, head_attr), int(arch["hidden_size"])))
+        report.notes.append(f"{head_attr}: BatchNorm1d(affine=False) before the linear head (MAE linear probing)")
     model.mae_vit_meta = meta  # type: ignore[assignment]
     return model.eval(), report
+
+
+def _with_batchnorm(head: nn.Module, width: int) -> nn.Sequential:
+    """``Sequential(BatchNorm1d(width, affine=False, eps=1e-6), head)``; the head's own layers follow the norm."""
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    return nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), *layers)
 
 
 def load_mae_vit(source: str | Path | None, **kwargs: Any) -> nn.Module:

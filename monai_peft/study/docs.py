@@ -95,6 +95,23 @@ def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
     else:
         add(claim, "needs full_finetune and a PEFT method at 1 %", "not tested")
 
+    claim = "LoRA matches or beats full fine-tuning"
+    pairs = []
+    for b in budgets:
+        lora, full = at(b, "lora"), at(b, "full_finetune")
+        if lora and full:
+            pairs.append((max(lora, key=lambda r: r["val_auroc_mean"]), max(full, key=lambda r: r["val_auroc_mean"])))
+    if pairs:
+        parts = [
+            f"{lo['budget_label']}: {_fmt(lo)} ({lo['trainable_percent']:.2f} %) vs {_fmt(fu)}" for lo, fu in pairs
+        ]
+        worse = [lo["budget_label"] for lo, fu in pairs if _beats(fu, lo) == "supported"]
+        tied = [lo["budget_label"] for lo, fu in pairs if _beats(fu, lo).startswith("inconclusive")]
+        verdict = f"**not supported** at {', '.join(worse)}" if worse else "supported"
+        add(claim, "; ".join(parts), verdict + (f" (gap within the seed std at {', '.join(tied)})" if tied else ""))
+    else:
+        add(claim, "needs lora and full_finetune at the same budget", "not tested")
+
     claim = "DKA is not worse than the bottleneck adapter"
     pairs = [(at(b, "dka"), at(b, "adapter")) for b in budgets]
     pairs = [(d[0], a[0]) for d, a in pairs if d and a]

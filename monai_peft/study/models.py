@@ -17,8 +17,10 @@ Backbones (``backbones[i].name``):
 
 The trainable head is found with the network's targeting preset (role ``head``) and trained with every method
 (``modules_to_save``) except those that already train it (``full_finetune``, ``linear_probe``, ``partial``).
-Methods that have the ``batchnorm_stats`` field default to ``"freeze"`` (pretrained BatchNorm statistics kept;
-with few images updating them makes train and eval behaviour diverge, see :mod:`monai_peft.demo`).
+Methods that have the ``batchnorm_stats`` field default to ``"freeze"`` when the network has BatchNorm layers
+outside its head (pretrained BatchNorm statistics kept; with few images updating them makes train and eval
+behaviour diverge, see :mod:`monai_peft.demo`) and to ``"save"`` otherwise: a fresh head's own BatchNorm (e.g.
+``mae_vit`` with ``head_norm: batchnorm``) has no pretrained statistics and must learn them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from torch import nn
 from monai_peft.errors import ConfigError, MethodNotApplicableError, MonaiPeftError
 from monai_peft.study.schema import BackboneSpec, MethodSpec, StudySpec
 
-__all__ = ["build_classifier", "build_peft_model", "check_backbone_methods", "method_config", "study_backbones"]
+__all__ = [
+    "build_classifier",
+    "build_peft_model",
+    "check_backbone_methods",
+    "default_batchnorm_stats",
+    "method_config",
+    "study_backbones",
+]
 
 _HEAD_TRAINED_BY_METHOD = ("full_finetune", "linear_probe", "partial")
 _VITS = ("vit_b16_in21k", "vit_b16_mae", "mrm", "cxr_mae", "mae_vit")
@@ -125,15 +134,29 @@ def build_classifier(
     return net, names
 
 
-def method_config(spec: MethodSpec) -> Any:
-    """``monai_peft.get_config(spec.name, **spec.kwargs)`` (+ ``preset=`` when the registry supports it)."""
+def default_batchnorm_stats(net: nn.Module, head: list[str]) -> str:
+    """``"freeze"`` when ``net`` has a BatchNorm outside the ``head`` modules (pretrained statistics), else ``"save"``."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(f"{h}.") for h in head)
+
+    pretrained = any(isinstance(m, _BatchNorm) and not in_head(n) for n, m in net.named_modules())
+    return "freeze" if pretrained else "save"
+
+
+def method_config(spec: MethodSpec, batchnorm_stats: str = "freeze") -> Any:
+    """``monai_peft.get_config(spec.name, **spec.kwargs)`` (+ ``preset=`` when the registry supports it).
+
+    ``batchnorm_stats`` is the default for methods with that field when ``spec.kwargs`` does not set it.
+    """
     import monai_peft as mp
     from monai_peft.registry import get_method
 
     cls = get_method(spec.name).config_cls  # unknown names: ConfigError listing the registered methods
     kwargs = dict(spec.kwargs)
     if "batchnorm_stats" in cls.field_names():
-        kwargs.setdefault("batchnorm_stats", "freeze")
+        kwargs.setdefault("batchnorm_stats", batchnorm_stats)
     if spec.preset is not None:
         if "preset" not in inspect.signature(mp.get_config).parameters:
             raise ConfigError(
@@ -148,7 +171,7 @@ def build_peft_model(net: nn.Module, head: list[str], spec: MethodSpec) -> Any:
     """``get_peft_model(net, method_config(spec), modules_to_save=head)`` (head omitted where the method trains it)."""
     import monai_peft as mp
 
-    cfg = method_config(spec)
+    cfg = method_config(spec, default_batchnorm_stats(net, head))
     save = None if spec.name in _HEAD_TRAINED_BY_METHOD or not head else head
     return mp.get_peft_model(net, cfg, modules_to_save=save)
 
