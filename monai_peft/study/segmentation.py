@@ -303,6 +303,18 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
 
 
+def seg_epochs(study: StudySpec, n_cases: int, epochs: int) -> int:
+    """Epochs for ``n_cases`` training cases: ``epochs``, raised to reach ``training.min_steps`` optimiser steps.
+
+    An epoch is ``n_cases * samples_per_case`` patches in batches of ``training.batch_size``; the rule is the
+    classification study's (:func:`monai_peft.study.run.epochs_for`), so a one- or two-case budget trains as many
+    steps as the configuration asks for.
+    """
+    from monai_peft.study.run import epochs_for
+
+    return epochs_for(n_cases * int(study.dataset.samples_per_case or 1), epochs, study.training)
+
+
 def train_select_seg(
     model: nn.Module,
     train: list[SegCase],
@@ -402,9 +414,8 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val Dice {value:.4f})")
 
-        selection, _ = train_select_seg(
-            model, train, val, study, lr=lr, epochs=spec.epochs or study.training.epochs, seed=seed, on_epoch=report
-        )
+        epochs = seg_epochs(study, len(train), spec.epochs or study.training.epochs)
+        selection, _ = train_select_seg(model, train, val, study, lr=lr, epochs=epochs, seed=seed, on_epoch=report)
         return selection.val_dice
 
     search = optuna_search(spec, objective)
@@ -430,9 +441,8 @@ def run_seg_cell(study: StudySpec, cell: RunCell, lr: float, data: SegSplits) ->
     bspec, mspec = _backbone_spec(study, cell.backbone), _method_spec(study, cell.method)
     model = build_seg_model(bspec, mspec, data.channels, data.num_classes, cell.seed)
     train, val = _inputs(study, data, cell.budget, cell.seed)
-    selection, best_state = train_select_seg(
-        model, train, val, study, lr=lr, epochs=study.training.epochs, seed=cell.seed
-    )
+    epochs = seg_epochs(study, len(train), study.training.epochs)
+    selection, best_state = train_select_seg(model, train, val, study, lr=lr, epochs=epochs, seed=cell.seed)
     train_seconds = time.time() - t0
     data.finalize_selection(selection)  # from here on the test split may be read
     model.load_state_dict(best_state, strict=False)

@@ -251,3 +251,19 @@ def test_classification_hash_ignores_the_segmentation_keys():
     assert '"spacing": null' in text  # filled in by to_dict, but left out of the hash:
     assert spec.config_hash() == study_from_dict(raw).config_hash()
     assert SHAPE == (24, 20, 12)
+
+
+def test_min_steps_lengthens_small_segmentation_budgets(datalist):
+    """training.min_steps applies to segmentation as to classification: 2 cases in batches of 2 make one step per
+    epoch, so min_steps 3 trains 3 epochs (and a 1-epoch trial of a 3-epoch training gets 1 step: 1 epoch)."""
+    from monai_peft.study.segmentation import seg_epochs
+
+    study = study_from_dict(tiny_seg_study(datalist, training={"epochs": 1, "batch_size": 2, "min_steps": 3}))
+    assert seg_epochs(study, 2, 1) == 3
+    data = load_seg_splits(study.dataset)
+    record = run_seg_cell(study, RunCell("unet", "bitfit", "k2", 0), 1e-2, data)
+    assert len(record["selection"]["history"]) == 3
+    plain = study_from_dict(tiny_seg_study(datalist))
+    assert seg_epochs(plain, 2, 1) == 1
+    longer = study_from_dict(tiny_seg_study(datalist, training={"epochs": 3, "batch_size": 2, "min_steps": 3}))
+    assert seg_epochs(longer, 2, 1) == 1 and seg_epochs(longer, 2, 3) == 3
