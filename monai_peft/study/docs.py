@@ -74,6 +74,14 @@ def _beats(a: dict, b: dict) -> str:
     return "supported" if diff > 0 else "**not supported**"
 
 
+def _not_worse(pairs: list[tuple[dict, dict]]) -> str:
+    """Verdict of "``a`` is not worse than ``ref``" over ``(a, ref)`` rows of several budgets."""
+    worse = [a["budget_label"] for a, ref in pairs if _beats(ref, a) == "supported"]
+    tied = [a["budget_label"] for a, ref in pairs if _beats(ref, a).startswith("inconclusive")]
+    verdict = f"**not supported** at {', '.join(worse)}" if worse else "supported"
+    return verdict + (f" (gap within the seed std at {', '.join(tied)})" if tied else "")
+
+
 def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
     """The claim rows of one backbone (see :func:`render_claims`)."""
     lines: list[str] = []
@@ -105,10 +113,7 @@ def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
         parts = [
             f"{lo['budget_label']}: {_fmt(lo)} ({lo['trainable_percent']:.2f} %) vs {_fmt(fu)}" for lo, fu in pairs
         ]
-        worse = [lo["budget_label"] for lo, fu in pairs if _beats(fu, lo) == "supported"]
-        tied = [lo["budget_label"] for lo, fu in pairs if _beats(fu, lo).startswith("inconclusive")]
-        verdict = f"**not supported** at {', '.join(worse)}" if worse else "supported"
-        add(claim, "; ".join(parts), verdict + (f" (gap within the seed std at {', '.join(tied)})" if tied else ""))
+        add(claim, "; ".join(parts), _not_worse(pairs))
     else:
         add(claim, "needs lora and full_finetune at the same budget", "not tested")
 
@@ -117,10 +122,7 @@ def _backbone_claims(backbone: str, mine: list[dict]) -> list[str]:
     pairs = [(d[0], a[0]) for d, a in pairs if d and a]
     if pairs:
         parts = [f"{d['budget_label']}: {_fmt(d)} vs {_fmt(a)}" for d, a in pairs]
-        worse = [d["budget_label"] for d, a in pairs if _beats(a, d) == "supported"]
-        tied = [d["budget_label"] for d, a in pairs if _beats(a, d).startswith("inconclusive")]
-        verdict = f"**not supported** at {', '.join(worse)}" if worse else "supported"
-        add(claim, "; ".join(parts), verdict + (f" (gap within the seed std at {', '.join(tied)})" if tied else ""))
+        add(claim, "; ".join(parts), _not_worse(pairs))
     else:
         add(claim, "needs dka and adapter at the same budget", "not tested")
 
