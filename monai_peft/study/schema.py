@@ -60,6 +60,7 @@ A study file is a mapping with these keys (``*`` = required; every other key has
       n_trials: 4                      #   trials; low == high fixes the learning rate (no search)
       epochs: null                     #   epochs per trial (default training.epochs)
       seed: 0                          #   Optuna TPE sampler seed
+      sampler: tpe                     #   tpe | grid (n_trials rates log-evenly over [low, high], in order)
       data_seed: null                  #   training subset used for tuning (default: the first seed)
       n_startup_trials: 2              #   MedianPruner: trials never pruned
       n_warmup_steps: 1                #   MedianPruner: epochs before pruning starts
@@ -290,8 +291,11 @@ class LRSearchSpec:
     data_seed: int | None = None
     n_startup_trials: int = 2
     n_warmup_steps: int = 1
+    sampler: str = "tpe"
 
     def validate(self) -> None:
+        if self.sampler not in ("tpe", "grid"):
+            raise ConfigError(f"lr_search.sampler must be 'tpe' or 'grid', got {self.sampler!r}.")
         if not (self.low > 0 and self.high >= self.low):
             raise ConfigError(f"lr_search needs 0 < low <= high, got low={self.low}, high={self.high}.")
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
@@ -422,6 +426,8 @@ class StudySpec:
         # keys added after the first release leave the hash of studies that do not use them unchanged
         if data["training"].get("min_steps") is None:
             data["training"].pop("min_steps", None)
+        if data["lr_search"].get("sampler") == "tpe":
+            data["lr_search"].pop("sampler", None)
         if data["budgets"].get("k_shot_methods") is None:
             data["budgets"].pop("k_shot_methods", None)
         for key in ("datalist", "spacing", "roi_size", "num_classes", "class_names", "modalities", "samples_per_case"):

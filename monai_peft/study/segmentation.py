@@ -398,7 +398,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
         return {"cell_id": cell.cell_id, "lr": float(low), "val_dice": None, "trials": [], "seconds": 0.0,
                 "search": "fixed"}  # fmt: skip
     from monai_peft.errors import require
-    from monai_peft.study.tune import optuna_search
+    from monai_peft.study.tune import optuna_search, search_name
 
     optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
     bspec, mspec = _backbone_spec(study, cell.backbone), _method_spec(study, cell.method)
@@ -418,7 +418,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
         selection, _ = train_select_seg(model, train, val, study, lr=lr, epochs=epochs, seed=seed, on_epoch=report)
         return selection.val_dice
 
-    search = optuna_search(spec, objective)
+    search = optuna_search(spec, objective, (low, high))
     trials = [{"number": t.number, "lr": t.params.get("lr"), "state": t.state.name, "val_dice": t.value,
                "epochs": len(t.intermediate_values)} for t in search.trials]  # fmt: skip
     done = [t for t in search.trials if t.state.name == "COMPLETE" and t.value is not None]
@@ -426,7 +426,7 @@ def tune_seg_cell(study: StudySpec, cell: TuneCell, data: SegSplits) -> dict[str
         raise MonaiPeftError(f"{cell.cell_id}: no learning-rate trial completed: {trials}")
     best = max(done, key=lambda t: t.value)
     return {"cell_id": cell.cell_id, "lr": float(best.params["lr"]), "val_dice": float(best.value), "trials": trials,
-            "seconds": time.time() - t0, "search": "optuna-tpe-median-pruner", "data_seed": seed}  # fmt: skip
+            "seconds": time.time() - t0, "search": search_name(spec), "data_seed": seed}  # fmt: skip
 
 
 def run_seg_cell(study: StudySpec, cell: RunCell, lr: float, data: SegSplits) -> dict[str, Any]:

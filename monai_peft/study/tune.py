@@ -1,6 +1,9 @@
 """Learning-rate search of one ``(backbone, method, budget)`` cell on the validation split (Optuna).
 
-Each trial samples ``lr`` log-uniformly in ``[low, high]`` with a seeded TPE sampler, trains the cell on the
+Each trial samples ``lr`` log-uniformly in ``[low, high]`` with a seeded TPE sampler (``lr_search.sampler: tpe``;
+Optuna's TPE draws its first 10 trials at random, so a search of up to 10 trials is a seeded random search that
+offers every cell the same rates) or takes the next rate of a log-even grid (``sampler: grid``: the ``n_trials``
+rates ``low * (high / low) ** ((i + 0.5) / n_trials)``, ``i = 0 .. n_trials - 1``, in increasing order), trains the cell on the
 training subset of ``lr_search.data_seed`` (default: the study's first seed) for ``lr_search.epochs`` epochs (more on small budgets when ``training.min_steps`` is set, see
 :func:`~monai_peft.study.run.epochs_for`), and
 reports the validation AUROC after every epoch to a ``MedianPruner`` (a trial whose AUROC falls below the median
@@ -21,11 +24,22 @@ from monai_peft.study.data import GuardedSplits
 from monai_peft.study.grid import TuneCell
 from monai_peft.study.schema import LRSearchSpec, StudySpec
 
-__all__ = ["optuna_search", "tune_cell"]
+__all__ = ["grid_rates", "optuna_search", "search_name", "tune_cell"]
 
 
-def optuna_search(spec: LRSearchSpec, objective: Callable[[Any], float]) -> Any:
-    """Maximise ``objective(trial)`` over ``spec.n_trials`` trials: seeded TPE sampler, ``MedianPruner``."""
+def grid_rates(low: float, high: float, n: int) -> list[float]:
+    """``n`` learning rates log-evenly inside ``[low, high]``: the midpoints of ``n`` equal bins of ``log lr``."""
+    return [low * (high / low) ** ((i + 0.5) / n) for i in range(n)]
+
+
+def search_name(spec: LRSearchSpec) -> str:
+    """How a cell was searched, as recorded in its tune file."""
+    return f"optuna-{spec.sampler}-median-pruner"
+
+
+def optuna_search(spec: LRSearchSpec, objective: Callable[[Any], float], lr_range: tuple[float, float]) -> Any:
+    """Maximise ``objective(trial)`` (which suggests ``"lr"`` in ``lr_range``, log scale) over ``spec.n_trials``
+    trials with a ``MedianPruner``: a seeded TPE sampler, or the :func:`grid_rates` enqueued in order."""
     optuna = require("optuna", feature="the learning-rate search of monai_peft.study", install="optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = optuna.create_study(
@@ -33,6 +47,9 @@ def optuna_search(spec: LRSearchSpec, objective: Callable[[Any], float]) -> Any:
         sampler=optuna.samplers.TPESampler(seed=spec.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps),
     )
+    if spec.sampler == "grid":
+        for lr in grid_rates(*lr_range, spec.n_trials):
+            search.enqueue_trial({"lr": lr})
     search.optimize(objective, n_trials=spec.n_trials)
     return search
 
@@ -84,7 +101,7 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
         )
         return selection.val_auroc
 
-    search = optuna_search(spec, objective)
+    search = optuna_search(spec, objective, (low, high))
     trials = [
         {
             "number": t.number,
@@ -109,6 +126,6 @@ def tune_cell(study: StudySpec, cell: TuneCell, data: GuardedSplits) -> dict[str
         "val_auroc": float(best.value),
         "trials": trials,
         "seconds": time.time() - t0,
-        "search": "optuna-tpe-median-pruner",
+        "search": search_name(spec),
         "data_seed": seed,
     }

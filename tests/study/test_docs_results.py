@@ -150,3 +150,14 @@ def test_the_cpu_study_reading_quotes_only_figures_of_its_tables():
     assert [v for v in quoted if v not in known] == []
     shares = set(re.findall(r"\d+\.\d{2} %", reading))  # trainable shares, e.g. "1.32 %"
     assert len(shares) >= 4 and shares <= set(re.findall(r"\d+\.\d{2} %", tables))
+
+
+def test_linear_probe_table_in_study_md_is_the_benchmark_output():
+    """The encoder table under the reduced study quotes benchmarks/results/mae_linear_probe.txt (the output of
+    benchmarks/mae_linear_probe.py) row by row: |mu|, sigma, val and test AUROC."""
+    rows = (ROOT / "benchmarks" / "results" / "mae_linear_probe.txt").read_text().splitlines()[1:]
+    text = DOC.read_text()
+    assert len(rows) == 3
+    for row in rows:
+        mu, sigma, _c, val, test = row.split()[-6:-1]
+        assert f"| {mu} | {sigma} | {val} | {test} |" in text, row

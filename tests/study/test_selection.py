@@ -126,3 +126,32 @@ def test_a_method_lr_range_overrides_the_study_range_for_that_method_only(tmp_pa
     for bad in ([1e-3], [1e-3, 1e-4], [0, 1e-3], ["a", 1e-3]):
         with pytest.raises(ConfigError, match="lr_range must be \\[low, high\\]"):
             study_from_dict(tiny_study(tiny_npz(tmp_path), methods=[{"name": "bitfit", "lr_range": bad}]))
+
+
+def test_grid_sampler_spreads_the_trials_over_the_range(tmp_path):
+    """lr_search.sampler: grid tries the n_trials log-even bin midpoints of each method's own range, in increasing
+    order (the default TPE offers every cell the same seeded random rates); sampler: tpe leaves the hash as it was."""
+    from monai_peft.errors import ConfigError
+    from monai_peft.study.tune import grid_rates
+
+    assert grid_rates(1e-4, 1e-2, 2) == pytest.approx([10**-3.5, 10**-2.5])
+    search = {"low": 1e-4, "high": 1e-1, "n_trials": 3, "epochs": 1, "n_startup_trials": 3, "sampler": "grid"}
+    methods = [{"name": "linear_probe"}, {"name": "bitfit", "lr_range": [1e-5, 1e-2]}]
+    study = study_from_dict(tiny_study(tiny_npz(tmp_path), methods=methods, lr_search=search))
+    data = load_splits(study.dataset, study.image_size)
+    probe = tune_cell(study, TuneCell("tinynet", "linear_probe", "f0.5"), data)
+    bitfit = tune_cell(study, TuneCell("tinynet", "bitfit", "f0.5"), data)
+    assert [t["lr"] for t in probe["trials"]] == pytest.approx([10**-3.5, 10**-2.5, 10**-1.5])
+    assert [t["lr"] for t in bitfit["trials"]] == pytest.approx([10**-4.5, 10**-3.5, 10**-2.5])
+    assert probe["search"] == "optuna-grid-median-pruner" and probe["lr"] in [t["lr"] for t in probe["trials"]]
+    plain = tiny_study(tiny_npz(tmp_path))
+    assert (
+        study_from_dict(plain).config_hash()
+        == study_from_dict({**plain, "lr_search": {**plain["lr_search"], "sampler": "tpe"}}).config_hash()
+    )
+    assert (
+        study.config_hash()
+        != study_from_dict({**study.to_dict(), "lr_search": {**search, "sampler": "tpe"}}).config_hash()
+    )
+    with pytest.raises(ConfigError, match="lr_search.sampler must be 'tpe' or 'grid'"):
+        study_from_dict(tiny_study(tiny_npz(tmp_path), lr_search={**search, "sampler": "random"}))
