@@ -59,3 +59,26 @@ def test_bootstrap_ci_degenerate_and_seed_mean():
     assert single[0] < mixed[0] and mixed[1] <= 1.0
     point = auroc(noisy, y)
     assert single[0] < point < single[1]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("metric", ["auroc", "accuracy", "macro_f1"])
+def test_vectorised_bootstrap_equals_the_per_resample_loop(metric, k):
+    """The all-resamples-at-once bootstrap of the built-in metrics gives the intervals of the per-resample loop
+    over scikit-learn (a callable metric takes the loop): tied scores, several seeds, a rare class whose absence
+    forces redraws, and 3 classes."""
+    from monai_peft.study.metrics import METRICS, bootstrap_ci
+
+    rng = np.random.default_rng(k)
+    n = 41
+    labels = np.r_[np.zeros(n - 3, int), np.ones(3, int)] if k == 2 else rng.integers(0, k, n)
+    sets = []
+    for _ in range(3):
+        logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[labels]
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        sets.append(np.round(p, 1) / np.round(p, 1).sum(1, keepdims=True))  # ties in the scores
+    loop = bootstrap_ci(sets, labels, lambda p, y: METRICS[metric](p, y), n_boot=300, seed=7)
+    fast = bootstrap_ci(sets, labels, metric, n_boot=300, seed=7)
+    assert fast == pytest.approx(loop, abs=1e-12)
+    single = bootstrap_ci(sets[0], labels, metric, n_boot=300, seed=3)
+    assert single == pytest.approx(bootstrap_ci(sets[0], labels, METRICS[metric], n_boot=300, seed=3), abs=1e-12)
