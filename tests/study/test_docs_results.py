@@ -140,7 +140,7 @@ def test_the_cpu_study_reading_quotes_only_figures_of_its_tables():
     from monai_peft.study.docs import MEDMNIST_V2_RESNET18_28
 
     text = DOC.read_text()
-    reading = text[text.index("**Reading.** Three seeds") : text.index("- **Not tested on a CPU:**")]
+    reading = text[text.index("**Reading.** Three seeds") : text.index("- **Not tested on this CNN:**")]
     tables = render_block(ROOT / "docs/study/pneumoniamnist_cpu_effnet") + render_block(
         ROOT / "docs/study/pneumoniamnist_cpu_effnet_full_lowlr"
     )
@@ -161,3 +161,41 @@ def test_linear_probe_table_in_study_md_is_the_benchmark_output():
     for row in rows:
         mu, sigma, _c, val, test = row.split()[-6:-1]
         assert f"| {mu} | {sigma} | {val} | {test} |" in text, row
+
+
+VIT = ROOT / "docs" / "study" / "pneumoniamnist_cpu_vit"
+
+
+def test_the_13_method_vit_study_is_published_whole_and_from_its_packaged_file():
+    """docs/study/pneumoniamnist_cpu_vit holds every cell of the packaged study file (same config hash), and its
+    result and claims blocks are on the page."""
+    import json
+
+    from monai_peft.study import load_study
+
+    head = json.loads((VIT / "study.json").read_text())
+    summary = json.loads((VIT / "summary.json").read_text())
+    assert load_study("pneumoniamnist_cpu_vit").config_hash() == head["config_hash"] == summary["config_hash"]
+    assert summary["expected_cells"] == expected_cells(head["study"]) == summary["finished_cells"] == 153
+    assert {r["n_seeds"] for r in summary["rows"]} == {3} and len({r["method"] for r in summary["rows"]}) == 13
+    text = DOC.read_text()
+    assert "<!-- study-results: docs/study/pneumoniamnist_cpu_vit -->" in text
+    assert "<!-- study-claims: docs/study/pneumoniamnist_cpu_vit -->" in text
+
+
+def test_the_vit_study_reading_quotes_only_figures_of_its_tables():
+    """Every AUROC the prose after the 13-method study's claims quotes is in its rendered tables (or is MedMNIST
+    v2's baseline), and every trainable share it quotes is one of the table's."""
+    import re
+
+    from monai_peft.study.docs import MEDMNIST_V2_RESNET18_28, render_claims
+
+    text = DOC.read_text()
+    reading = text[text.index("**Reading of the 13-method study.**") : text.index("<!-- /vit-study-reading -->")]
+    tables = render_block(VIT) + render_claims(VIT)
+    known = set(re.findall(r"\d\.\d{3}", tables)) | {f"{v:.3f}" for v in MEDMNIST_V2_RESNET18_28.values()}
+    quoted = [v for v in re.findall(r"(?<![\d.])\d\.\d{3}(?!\d)", reading) if float(v) > 0.1]
+    assert len(quoted) >= 8
+    assert [v for v in quoted if v not in known] == []
+    shares = set(re.findall(r"\d+\.\d{2} %", reading))
+    assert shares <= set(re.findall(r"\d+\.\d{2} %", tables))
