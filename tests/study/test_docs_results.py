@@ -199,3 +199,26 @@ def test_the_vit_study_reading_quotes_only_figures_of_its_tables():
     assert [v for v in quoted if v not in known] == []
     shares = set(re.findall(r"\d+\.\d{2} %", reading))
     assert shares <= set(re.findall(r"\d+\.\d{2} %", tables))
+
+
+def test_vit_erf_table_in_study_md_is_the_benchmark_output():
+    """The ERF table of the 13-method study is summary_table() of benchmarks/results/vit_study_erf.json (written by
+    benchmarks/vit_study_erf.py), whose cells are the published study's (same learning rates and test AUROC)."""
+    import csv
+    import importlib.util
+    import json
+    import re
+
+    spec = importlib.util.spec_from_file_location("vit_study_erf", ROOT / "benchmarks" / "vit_study_erf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = json.loads((ROOT / "benchmarks" / "results" / "vit_study_erf.json").read_text())
+    methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
+    block = re.search(r"<!-- vit-erf-table -->\n(.*?)\n<!-- /vit-erf-table -->", DOC.read_text(), flags=re.S)
+    assert block and block.group(1) == mod.summary_table(data["rows"], methods)
+    with open(VIT / "results.csv", newline="") as f:
+        published = {(r["method"], r["budget"], int(r["seed"])): r for r in csv.DictReader(f)}
+    for row in data["rows"]:
+        cell = published[(row["method"], data["budget"], row["seed"])]
+        assert row["lr"] == float(cell["lr"]) and row["test_auroc"] == float(cell["test_auroc"])
+        assert abs(row["val_auroc"] - float(cell["val_auroc"])) < 1e-9
