@@ -28,7 +28,7 @@ from monai_peft.analysis.erf import THRESHOLDS, compute_erf, ratio_table, save_e
 from monai_peft.study import load_study
 from monai_peft.study.data import load_splits
 from monai_peft.study.grid import RunCell
-from monai_peft.study.run import build_cell_model, epochs_for, prepare_images, train_inputs, train_select
+from monai_peft.study.run import prepare_images, train_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "study" / "pneumoniamnist_cpu_vit"
@@ -83,20 +83,7 @@ def main() -> None:
         row = cells[key]
         t0 = time.perf_counter()
         cell = RunCell("mae_vit", method, args.budget, seed)
-        model, bspec, _ = build_cell_model(study, cell, data.num_classes, data.channels, cell.seed)
-        tx, ty, vx, vy, n_train = train_inputs(study, data, cell.budget, cell.seed, bspec)
-        selection, best = train_select(
-            model,
-            tx,
-            ty,
-            vx,
-            vy,
-            lr=float(row["lr"]),
-            epochs=epochs_for(n_train, study.training.epochs, study.training),
-            training=study.training,
-            seed=cell.seed,
-        )
-        model.load_state_dict(best, strict=False)
+        model, bspec, _, selection, _ = train_cell(study, cell, float(row["lr"]), data)
         if abs(selection.val_auroc - float(row["val_auroc"])) > 1e-9:
             raise SystemExit(
                 f"{method}: retrained validation AUROC {selection.val_auroc} differs from the published "

@@ -39,6 +39,7 @@ from monai_peft.study.schema import BackboneSpec, MethodSpec, StudySpec, Trainin
 __all__ = [
     "Selection",
     "build_cell_model",
+    "train_cell",
     "predict_proba",
     "prepare_images",
     "run_cell",
@@ -228,14 +229,14 @@ def train_inputs(
     return tx, torch.as_tensor(train.labels[idx], dtype=torch.long), vx, val.labels, len(idx)
 
 
-def run_cell(study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits) -> dict[str, Any]:
-    """Train ``cell`` with learning rate ``lr``, select on validation, evaluate on test once (see module docstring).
+def train_cell(
+    study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits
+) -> tuple[Any, BackboneSpec, MethodSpec, Selection, int]:
+    """Train ``cell`` with learning rate ``lr`` and keep its best epoch on validation (train and val only).
 
     Returns:
-        A JSON-able record: ids, learning rate, best epoch and validation AUROC, per-epoch history, test metrics
-        with bootstrap 95 % CIs, trainable / total parameters, training images, seconds, test probabilities.
+        ``(model, backbone spec, method spec, selection, training images)``; the model holds the selected weights.
     """
-    t0 = time.time()
     model, bspec, mspec = build_cell_model(study, cell, data.num_classes, data.channels, cell.seed)
     tx, ty, vx, vy, n_train = train_inputs(study, data, cell.budget, cell.seed, bspec)
     selection, best_state = train_select(
@@ -249,8 +250,20 @@ def run_cell(study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits) ->
         training=study.training,
         seed=cell.seed,
     )
-    data.finalize_selection(selection)  # from here on the test split may be read
     model.load_state_dict(best_state, strict=False)
+    return model, bspec, mspec, selection, n_train
+
+
+def run_cell(study: StudySpec, cell: RunCell, lr: float, data: GuardedSplits) -> dict[str, Any]:
+    """Train ``cell`` with learning rate ``lr``, select on validation, evaluate on test once (see module docstring).
+
+    Returns:
+        A JSON-able record: ids, learning rate, best epoch and validation AUROC, per-epoch history, test metrics
+        with bootstrap 95 % CIs, trainable / total parameters, training images, seconds, test probabilities.
+    """
+    t0 = time.time()
+    model, bspec, mspec, selection, n_train = train_cell(study, cell, lr, data)
+    data.finalize_selection(selection)  # from here on the test split may be read
     test = data.test()
     x_test = prepare_images(test.images, study.input_size(bspec), bspec.mean, bspec.std, bspec.channels)
     probs = predict_proba(model, x_test, study.training.eval_batch_size, torch.device(study.training.device))
