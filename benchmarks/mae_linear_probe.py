@@ -28,17 +28,17 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from monai_peft.pretrain.backbone import load_mae_vit
+from monai_peft.study.run import prepare_images
 
 DEFAULT_DATA = Path("../shared/data/medmnist/pneumoniamnist_28.npz")
 
 
 @torch.no_grad()
 def embed(model: torch.nn.Module, images: np.ndarray, mean: float, std: float, batch: int = 512) -> np.ndarray:
-    """``(N, H, W)`` uint8 images -> ``(N, C)`` pooled features of the frozen encoder."""
+    """``(N, H, W)`` uint8 images -> ``(N, C)`` pooled features of the frozen encoder (the study's input scaling)."""
     out = []
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i : i + batch]).float().div(255.0).unsqueeze(1)
-        out.append(model((x - mean) / std).numpy())
+        out.append(model(prepare_images(images[i : i + batch], images.shape[1], mean, std)).numpy())
     return np.concatenate(out)
 
 

@@ -54,8 +54,7 @@ def summary_table(rows: list[dict], methods: list[str]) -> str:
         mine = [r for r in rows if r["method"] == m]
         cols = [np.array([r["area_ratios"][str(t)] for r in mine]) for t in THRESHOLDS]
         cols.append(np.array([r["test_auroc"] for r in mine]))
-        sd = lambda v: v.std(ddof=1) if len(v) > 1 else 0.0  # noqa: E731
-        lines.append(f"| {m} | " + " | ".join(f"{v.mean():.4f} ± {sd(v):.4f}" for v in cols) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{v.mean():.4f} ± {_std(v):.4f}" for v in cols) + " |")
     return "\n".join(lines)
 
 

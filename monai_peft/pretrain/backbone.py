@@ -25,8 +25,9 @@ appendix A.1: "an extra BatchNorm layer without affine transformation"):
 ``logits = W ((f - mu_B) / sqrt(sigma_B^2 + eps)) + b`` with ``f`` the pooled ``(B, C)`` feature and
 ``mu_B, sigma_B^2`` the batch (train) or running (eval) per-channel statistics. MAE features are badly scaled
 (per channel their spread across images is a small fraction of their mean), so a linear head trained on them
-directly barely moves; the normaliser fixes the conditioning. The head becomes ``nn.Sequential(BatchNorm1d(C, affine=False), Linear)``
-(its BatchNorm statistics are buffers: train them with ``batchnorm_stats="save"``).
+directly barely moves; the normaliser fixes the conditioning. The head becomes
+``nn.Sequential(BatchNorm1d(C, affine=False), Linear)`` (its BatchNorm statistics are buffers: train them with
+``batchnorm_stats="save"``).
 """
 
 from __future__ import annotations
